@@ -1,0 +1,159 @@
+"""Build and load CLIP models through stock open_clip.
+
+A model *spec* names where a model comes from, the way a user would say it:
+
+- ``ViT-B-32``                     architecture only, random init
+- ``ViT-B-32:laion2b_s34b_b79k``   architecture + open_clip pretrained tag (downloads on a connected machine)
+- ``shapes-teacher:demo``          architecture + a tag that clipslim ships (the embedded demo teacher)
+- ``shapes-teacher:/x/ckpt.safetensors`` (or ``.pt``)  architecture + local weights file
+- ``/x/run/export`` or ``local-dir:/x/run/export``    a hub-format folder (``open_clip_config.json`` + weights)
+- ``hf-hub:org/repo``              open_clip's hub schema (needs a network)
+
+clipslim registers its small configs (``model_configs/*.json``) with open_clip's own registry on import, so the
+same names work in stock ``open_clip.create_model`` once ``clipslim`` is imported.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+from torch import nn
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+ASSETS_DIR = Path(__file__).parent / "assets"
+# Tags that clipslim ships itself: (arch, tag) -> hub-format folder inside the package.
+SHIPPED_TAGS: dict[tuple[str, str], Path] = {("shapes-teacher", "demo"): ASSETS_DIR / "shapes-teacher"}
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+_registered = False
+
+
+class ModelSpecError(ValueError):
+    """A model spec that cannot be resolved; the message names the spec and what is wrong."""
+
+
+def register_configs() -> None:
+    """Add clipslim's model configs to open_clip's registry (idempotent)."""
+    global _registered
+    if not _registered:
+        open_clip.add_model_config(CONFIG_DIR)
+        _registered = True
+
+
+register_configs()
+
+
+@dataclass
+class ClipBundle:
+    """A model with everything needed to feed it: transforms, tokenizer, and the config that rebuilds it."""
+
+    model: nn.Module
+    preprocess_train: Any
+    preprocess_val: Any
+    tokenizer: Any
+    arch: str
+    spec: str
+    model_cfg: dict[str, Any] = field(default_factory=dict)
+    preprocess_cfg: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ResolvedSpec:
+    """open_clip arguments a spec resolves to."""
+
+    model_name: str  # what open_clip.create_model receives (may carry 'local-dir:' / 'hf-hub:')
+    pretrained: str | None
+    arch: str  # readable architecture name
+
+
+def _is_hub_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "open_clip_config.json").is_file()
+
+
+def resolve_spec(spec: str) -> ResolvedSpec:
+    """Turn a user spec into open_clip arguments, failing early with a one-line message."""
+    spec = spec.strip()
+    if not spec:
+        raise ModelSpecError("empty model spec")
+    if spec.startswith("hf-hub:"):
+        return ResolvedSpec(spec, None, spec)
+    if spec.startswith("local-dir:") or Path(spec).is_dir():
+        folder = Path(spec.removeprefix("local-dir:"))
+        if not _is_hub_folder(folder):
+            raise ModelSpecError(f"model folder {folder} has no open_clip_config.json")
+        return ResolvedSpec(f"local-dir:{folder}", None, folder.name)
+    if Path(spec).suffix in WEIGHT_SUFFIXES:
+        raise ModelSpecError(f"weights file {spec} needs an architecture: write ARCH:{spec}")
+    arch, _, tag = spec.partition(":")
+    if open_clip.get_model_config(arch) is None:
+        raise ModelSpecError(f"unknown architecture '{arch}' in model spec '{spec}' (see `clipslim models`)")
+    if not tag:
+        return ResolvedSpec(arch, None, arch)
+    if (arch, tag) in SHIPPED_TAGS:
+        folder = SHIPPED_TAGS[(arch, tag)]
+        if not _is_hub_folder(folder):
+            raise ModelSpecError(f"shipped weights for '{spec}' are missing from {folder}")
+        return ResolvedSpec(f"local-dir:{folder}", None, arch)
+    if Path(tag).suffix in WEIGHT_SUFFIXES:
+        if not Path(tag).is_file():
+            raise ModelSpecError(f"weights file not found: {tag}")
+        return ResolvedSpec(arch, tag, arch)
+    if tag not in open_clip.list_pretrained_tags_by_model(arch):
+        raise ModelSpecError(f"'{tag}' is neither a pretrained tag of {arch} nor a weights file")
+    return ResolvedSpec(arch, tag, arch)
+
+
+def _read_folder_cfg(model_name: str) -> dict[str, Any]:
+    if not model_name.startswith("local-dir:"):
+        return {}
+    return json.loads((Path(model_name.removeprefix("local-dir:")) / "open_clip_config.json").read_text())
+
+
+def load_model(spec: str, device: str | torch.device = "cpu", precision: str = "fp32") -> ClipBundle:
+    """Build a CLIP model from a spec with stock open_clip, with its transforms and tokenizer."""
+    resolved = resolve_spec(spec)
+    with _quiet_random_init():
+        try:
+            model, pre_train, pre_val = open_clip.create_model_and_transforms(
+                resolved.model_name, pretrained=resolved.pretrained, device=device, precision=precision
+            )
+        except (RuntimeError, OSError) as err:
+            raise ModelSpecError(f"could not load model '{spec}': {err}") from err
+    folder_cfg = _read_folder_cfg(resolved.model_name)
+    model_cfg = folder_cfg.get("model_cfg") or open_clip.get_model_config(resolved.model_name) or {}
+    arch = folder_cfg.get("arch", resolved.arch)
+    tokenizer = open_clip.get_tokenizer(resolved.model_name)
+    preprocess_cfg = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
+    return ClipBundle(model, pre_train, pre_val, tokenizer, arch, spec, model_cfg, preprocess_cfg)
+
+
+class _quiet_random_init:
+    """open_clip warns on every random init; that is the normal case for a student, so hide it."""
+
+    def __enter__(self) -> None:
+        self._level = logging.getLogger().level
+        logging.getLogger().setLevel(logging.ERROR)
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger().setLevel(self._level)
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    total: int
+    non_embedding: int  # without the token embedding, which dominates small CLIPs but costs no FLOPs
+
+    def as_dict(self) -> dict[str, int]:
+        return {"params": self.total, "params_non_embedding": self.non_embedding}
+
+
+def count_params(model: nn.Module) -> ParamCount:
+    total = sum(p.numel() for p in model.parameters())
+    emb = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Embedding))
+    return ParamCount(total, total - emb)
