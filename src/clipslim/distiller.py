@@ -1,0 +1,83 @@
+"""The Distiller: the one module that is trained and checkpointed.
+
+It owns the student and every objective (with whatever those learn: projectors, temperatures), so an optimizer
+over ``distiller.parameters()``, a DDP wrapper or a checkpoint of ``distiller.state_dict()`` sees all trainable
+state. The teacher is *not* a submodule: it is frozen, never saved with the student, and may be replaced by cached
+embeddings.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from .objectives import Dims, Objective, Outputs, get_objective
+from .recipe import ObjectiveSpec
+
+
+def encode(model: nn.Module, images: torch.Tensor, texts: torch.Tensor) -> Outputs:
+    """Normalised embeddings and exponentiated scale of an open_clip model."""
+    image = model.encode_image(images, normalize=True)
+    text = model.encode_text(texts, normalize=True)
+    bias = getattr(model, "logit_bias", None)
+    return Outputs(image=image, text=text, logit_scale=model.logit_scale.exp(), logit_bias=bias)
+
+
+def embed_dim(model: nn.Module) -> int:
+    proj = getattr(model, "text_projection", None)
+    if isinstance(proj, nn.Parameter):
+        return proj.shape[1]
+    return int(model.visual.output_dim)
+
+
+class OnlineTeacher:
+    """Runs a frozen teacher per batch in eval mode under no_grad (the anchors' cost, which caching removes)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, Any]) -> Outputs:
+        return encode(self.model, batch["image"], batch["text"])
+
+
+class Distiller(nn.Module):
+    """Student + weighted objectives; ``forward`` returns ``{"loss": total, "<name>_loss": ..., ...}``."""
+
+    def __init__(self, student: nn.Module, specs: list[ObjectiveSpec], teacher_dim: int | None = None) -> None:
+        super().__init__()
+        self.student = student
+        s_dims = Dims(embed_dim(student))
+        t_dims = Dims(teacher_dim) if teacher_dim else None
+        self.objectives = nn.ModuleDict({s.name: get_objective(s.name)(s.cfg, s_dims, t_dims) for s in specs})
+        self.weights = {s.name: s.weight for s in specs}
+
+    @property
+    def needs_teacher(self) -> bool:
+        return any(type(obj).needs_teacher for obj in self.objectives.values())
+
+    def forward(self, batch: dict[str, Any], teacher: Outputs | None = None) -> dict[str, torch.Tensor]:
+        student = encode(self.student, batch["image"], batch["text"])
+        out: dict[str, torch.Tensor] = {}
+        total = torch.zeros((), device=student.image.device)
+        for name, objective in self.objectives.items():
+            terms = _call(objective, student, teacher, batch)
+            total = total + self.weights[name] * terms[f"{name}_loss"]
+            out.update(terms)
+        out["loss"] = total
+        out["logit_scale"] = student.logit_scale.detach()
+        return out
+
+    @torch.no_grad()
+    def clamp_logit_scale(self, max_scale: float = 100.0) -> None:
+        """open_clip's rule: the learned scale never exceeds 100 (ln 100 in log space)."""
+        self.student.logit_scale.clamp_(0, math.log(max_scale))
+
+
+def _call(objective: Objective, student: Outputs, teacher: Outputs | None, batch: dict[str, Any]) -> dict:
+    if type(objective).needs_teacher and teacher is None:
+        raise RuntimeError(f"objective '{objective.name}' needs teacher outputs but none were given")
+    return objective(student, teacher, batch)

@@ -1,0 +1,33 @@
+"""``clip``: the CLIP task loss (symmetric InfoNCE with the student's learned scale)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .base import Objective, Outputs, register
+
+
+def contrastive_logits(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Image→text and text→image logits; rows are queries."""
+    logits_per_image = scale * image @ text.T
+    return logits_per_image, logits_per_image.T
+
+
+def info_nce(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """½[CE(τ I Tᵀ, y) + CE(τ T Iᵀ, y)] with y the diagonal."""
+    per_image, per_text = contrastive_logits(image, text, scale)
+    labels = torch.arange(image.shape[0], device=image.device)
+    return 0.5 * (F.cross_entropy(per_image, labels) + F.cross_entropy(per_text, labels))
+
+
+@register
+class ClipObjective(Objective):
+    """Ground-truth pairs; CLIP-KD#8 shows distillation still benefits from keeping it."""
+
+    name = "clip"
+
+    def forward(self, student: Outputs, teacher: Outputs | None, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {"clip_loss": info_nce(student.image, student.text, student.logit_scale)}

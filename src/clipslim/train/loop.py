@@ -1,0 +1,293 @@
+"""One training loop for CPU and a single GPU (no torch.distributed needed).
+
+AdamW with warmup + cosine, autocast on GPU, gradient clipping, the teacher frozen under no_grad, atomic
+checkpoints with exact resume, a progress bar with loss and pairs/s, a CSV log, periodic evaluation, and on the
+last step an open_clip-loadable export of the student plus a results JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import ConfigError
+from ..io import atomic_write_json, atomic_write_text
+from ..recipe import Recipe, TrainSection, recipe_to_yaml
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .metrics_log import CsvLog
+from .setup import Built, build, online_teacher, pick_device
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """open_clip's rule: no weight decay on gains, biases, norms and the logit scale."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim < 2 or "bias" in name or "ln" in name or "logit_scale" in name
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(step: int, cfg: TrainSection) -> float:
+    """Linear warmup to ``lr`` then cosine to zero at ``steps``."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return 0.5 * cfg.lr * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class BatchStream:
+    """Endless batches over epochs, with a position (epoch, batch index) that a checkpoint can restore."""
+
+    def __init__(self, built: Built, recipe: Recipe, device: torch.device) -> None:
+        self.recipe, self.device, self.built = recipe, device, built
+        self.epoch, self.pos = 0, 0
+        self.skipped: dict[str, int] = {}
+        self._it: Iterator[dict[str, Any]] | None = None
+
+    def _loader(self) -> Iterator[dict[str, Any]]:
+        from ..data.loader import make_loader
+
+        b, d = self.built.student, self.recipe.data
+        preprocess = b.preprocess_train if d.augment else b.preprocess_val
+        return iter(
+            make_loader(
+                d.train, preprocess, b.tokenizer, self.recipe.train.batch_size, train=True,
+                seed=self.recipe.train.seed, epoch=self.epoch, num_workers=d.num_workers,
+            )
+        )  # fmt: skip
+
+    def restore(self, epoch: int, pos: int, skipped: dict[str, int]) -> None:
+        """Re-open epoch ``epoch`` and skip the ``pos`` batches already trained on."""
+        self.epoch, self.skipped = epoch, dict(skipped)
+        self._it = self._loader()
+        for _ in range(pos):
+            next(self._it)
+        self.pos = pos
+
+    def next(self) -> dict[str, Any]:
+        for _attempt in range(2):
+            if self._it is None:
+                self._it = self._loader()
+            try:
+                batch = next(self._it)
+            except StopIteration:
+                if self.pos == 0:
+                    break
+                self._it, self.epoch, self.pos = None, self.epoch + 1, 0
+                continue
+            self.pos += 1
+            for kind, n in batch.get("skipped", {}).items():
+                self.skipped[kind] = self.skipped.get(kind, 0) + n
+            return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        raise ConfigError(
+            f"data.train: {self.recipe.data.train} gave no full batch of {self.recipe.train.batch_size} pairs "
+            f"(skipped: {self.skipped or 'none'})"
+        )
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM ask the loop to save a checkpoint and stop cleanly instead of dying mid-step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not in the main thread
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:  # second signal: give up immediately
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("signal %d: saving a checkpoint and stopping after this step", signum)
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class Precision:
+    autocast: Any
+    scaler: torch.amp.GradScaler | None
+
+
+def make_precision(name: str, device: torch.device) -> Precision:
+    if device.type != "cuda" or name == "fp32":
+        return Precision(contextlib.nullcontext, None)
+    dtype = torch.bfloat16 if name == "bf16" or (name == "auto" and torch.cuda.is_bf16_supported()) else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    return Precision(lambda: torch.autocast("cuda", dtype=dtype), scaler)
+
+
+class Trainer:
+    """Owns one run directory: ``recipe.yaml``, ``metrics.csv``, ``checkpoints/``, ``student/``, ``results.json``."""
+
+    def __init__(self, recipe: Recipe, run_dir: str | Path, *, resume: bool = False, progress: bool = True) -> None:
+        self.recipe, self.cfg = recipe, recipe.train
+        self.run_dir, self.progress = Path(run_dir), progress
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        latest = latest_checkpoint(self.ckpt_dir)
+        if latest is not None and not resume:
+            raise ConfigError(f"run dir {self.run_dir} already has checkpoints: pass --resume, or pick another --out")
+        self.resume_from = latest if resume else None
+        self.device = pick_device(self.cfg.device)
+        seed_everything(self.cfg.seed)
+        self.built = build(recipe, self.device)
+        self.model = self.built.distiller
+        self.teacher = online_teacher(self.built)
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.model, self.cfg.weight_decay), lr=self.cfg.lr, betas=self.cfg.betas, eps=self.cfg.eps
+        )
+        self.precision = make_precision(self.cfg.precision, self.device)
+        self.stream = BatchStream(self.built, recipe, self.device)
+        self.metrics = CsvLog(self.run_dir / "metrics.csv")
+        self.evals = CsvLog(self.run_dir / "evals.csv")
+        self.step = 0
+
+    def _prepare_run_dir(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.run_dir / "recipe.yaml", recipe_to_yaml(self.recipe))
+        if self.built.inherit_report is not None:
+            atomic_write_json(self.run_dir / "inherit.json", self.built.inherit_report)
+        if self.resume_from is None:
+            return
+        state = load_checkpoint(self.resume_from, self.model, self.optimizer)
+        self.step = state["step"]
+        self.stream.restore(state["epoch"], state["pos"], state.get("skipped", {}))
+        self.metrics.truncate_after(self.step)
+        self.evals.truncate_after(self.step)
+        log.info("resumed from %s at step %d", self.resume_from, self.step)
+
+    def train_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        lr = lr_at(self.step, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        with self.precision.autocast():
+            teacher_out = self.teacher(batch) if self.teacher is not None else None
+            out = self.model(batch, teacher_out)
+        loss = out["loss"]
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss at step {self.step}: {_terms(out)}")
+        scaler = self.precision.scaler
+        (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.unscale_(self.optimizer)
+        if self.cfg.grad_clip:
+            out["grad_norm"] = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        if scaler:
+            scaler.step(self.optimizer)
+            scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.clamp_logit_scale()
+        out["lr"] = torch.tensor(lr)
+        return out
+
+    def save(self) -> None:
+        state = {"epoch": self.stream.epoch, "pos": self.stream.pos, "skipped": self.stream.skipped}
+        save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer, state, self.cfg.keep_checkpoints)
+
+    def evaluate(self) -> dict[str, Any] | None:
+        if not self.recipe.data.eval:
+            return None
+        from ..eval.run import evaluate_shapes
+
+        b = self.built.student
+        results = evaluate_shapes(b, self.recipe.data.eval, device=str(self.device), progress=False)
+        self.evals.append({"step": self.step, **_flat_eval(results)})
+        return results
+
+    def run(self) -> dict[str, Any]:
+        """Train to ``train.steps`` (or until a stop signal), then export and evaluate the student."""
+        self._prepare_run_dir()
+        with _StopFlag() as stop:
+            self._loop(stop)
+            if stop.requested:
+                self.save()
+                return {"stopped_at": self.step}
+        return self.finish()
+
+    def _loop(self, stop: _StopFlag) -> None:
+        bar = tqdm(total=self.cfg.steps, initial=self.step, disable=not self.progress, desc=self.recipe.name)
+        tick, pairs = time.perf_counter(), 0
+        while self.step < self.cfg.steps and not stop.requested:
+            out = self.train_step(self.stream.next())
+            self.step += 1
+            pairs += self.cfg.batch_size
+            if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
+                rate = pairs / max(time.perf_counter() - tick, 1e-9)
+                tick, pairs = time.perf_counter(), 0
+                row = {"step": self.step, "epoch": self.stream.epoch, "pairs_per_s": round(rate, 1), **_terms(out)}
+                self.metrics.append(row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", pairs_s=f"{rate:.0f}")
+            if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.cfg.steps:
+                self.evaluate()
+            if self.step % self.cfg.save_every == 0 and self.step < self.cfg.steps:
+                self.save()
+            bar.update(1)
+        bar.close()
+
+    def finish(self) -> dict[str, Any]:
+        from ..export import export_open_clip
+        from ..models import count_params
+
+        self.save()
+        b = self.built.student
+        export_open_clip(
+            b.model, b.model_cfg, self.run_dir / "student", preprocess_cfg=b.preprocess_cfg, arch=b.arch,
+            extra={"recipe": self.recipe.name, "step": self.step},
+        )  # fmt: skip
+        results: dict[str, Any] = {"recipe": self.recipe.name, "steps": self.step, **count_params(b.model).as_dict()}
+        results["skipped"] = self.stream.skipped
+        results["eval"] = self.evaluate()
+        atomic_write_json(self.run_dir / "results.json", results)
+        skipped = sum(self.stream.skipped.values())
+        log.info("skipped %d bad training samples %s", skipped, self.stream.skipped or "")
+        return results
+
+
+def _terms(out: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {k: round(float(v), 6) for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
+
+
+def _flat_eval(results: dict[str, Any]) -> dict[str, Any]:
+    flat = {}
+    for group in ("zeroshot_heldout", "zeroshot_seen", "retrieval"):
+        for key, value in (results.get(group) or {}).items():
+            if key != "n":
+                flat[f"{group}/{key}"] = value
+    return flat
+
+
+def train(recipe: Recipe, run_dir: str | Path, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Run a recipe into ``run_dir``; with ``resume`` continue from its latest checkpoint."""
+    return Trainer(recipe, run_dir, resume=resume, progress=progress).run()

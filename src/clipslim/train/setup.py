@@ -1,0 +1,85 @@
+"""Turn a validated recipe into models: teacher (frozen), student (random / inherited / loaded), Distiller."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ..config import ConfigError
+from ..distiller import Distiller, OnlineTeacher, embed_dim
+from ..models import ClipBundle, load_model
+from ..recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Built:
+    distiller: Distiller
+    student: ClipBundle
+    teacher: ClipBundle | None
+    inherit_report: dict | None = None
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device: '{name}' requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def _check_pairing(teacher: ClipBundle, student: ClipBundle) -> None:
+    """The teacher reads the student's batch, so image size and context length must agree."""
+    t_v, s_v = teacher.model_cfg.get("vision_cfg", {}), student.model_cfg.get("vision_cfg", {})
+    t_t, s_t = teacher.model_cfg.get("text_cfg", {}), student.model_cfg.get("text_cfg", {})
+    if t_v.get("image_size") != s_v.get("image_size"):
+        raise ConfigError(f"teacher: image_size {t_v.get('image_size')} differs from student {s_v.get('image_size')}")
+    if t_t.get("context_length", 77) != s_t.get("context_length", 77):
+        raise ConfigError(
+            f"teacher: context_length {t_t.get('context_length', 77)} differs from "
+            f"student {s_t.get('context_length', 77)}"
+        )
+
+
+def build_student(recipe: Recipe, teacher: ClipBundle | None) -> tuple[ClipBundle, dict | None]:
+    init = recipe.student.init
+    if init in ("random", "inherit"):
+        student = load_model(recipe.student.arch)
+    else:
+        student = load_model(init)
+        if student.arch != recipe.student.arch:
+            log.warning("student.init %s has arch %s, not %s", init, student.arch, recipe.student.arch)
+    report = None
+    if init == "inherit":
+        from ..inherit import check_compatible, inherit_manual
+
+        assert teacher is not None
+        try:
+            check_compatible(teacher.model, student.model)
+        except ValueError as err:
+            raise ConfigError(f"student.init: cannot inherit from the teacher: {err}") from err
+        report = inherit_manual(teacher.model, student.model)
+    return student, report
+
+
+def build(recipe: Recipe, device: torch.device) -> Built:
+    """Load teacher and student, inherit if asked, and wrap the student with its objectives."""
+    teacher = load_model(recipe.teacher) if recipe.teacher else None
+    student, report = build_student(recipe, teacher)
+    if teacher is not None:
+        _check_pairing(teacher, student)
+        teacher.model.to(device).eval().requires_grad_(False)
+    t_dim = embed_dim(teacher.model) if teacher else None
+    distiller = Distiller(student.model, recipe.objective_specs(), t_dim).to(device)
+    if teacher is not None and not distiller.needs_teacher and recipe.student.init != "inherit":
+        log.info("teacher is not used by any objective; it will not run during training")
+    return Built(distiller, student, teacher, report)
+
+
+def online_teacher(built: Built) -> OnlineTeacher | None:
+    if built.teacher is None or not built.distiller.needs_teacher:
+        return None
+    return OnlineTeacher(built.teacher.model)
