@@ -65,6 +65,21 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(json.dumps(all_results, indent=2, default=str))
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    import torch
+
+    from .export import export_open_clip
+    from .models import load_model
+
+    b = load_model(args.model)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    out = export_open_clip(
+        b.model, b.model_cfg, args.out, preprocess_cfg=b.preprocess_cfg, arch=b.arch, dtype=dtype,
+        extra={"source": args.model},
+    )  # fmt: skip
+    print(f"wrote {out}: load with open_clip.create_model_and_transforms('local-dir:{out}')")
+
+
 def cmd_models(args: argparse.Namespace) -> None:
     import open_clip
 
@@ -115,6 +130,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=256)
     e.add_argument("--device", default="cpu")
     e.set_defaults(fn=cmd_eval)
+
+    x = sub.add_parser("export", help="save a model as an open_clip hub-format folder (loads in stock open_clip)")
+    x.add_argument("--model", required=True, help="model spec, e.g. runs/demo/demo-distill/student")
+    x.add_argument("--out", required=True, type=Path, help="output folder")
+    x.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="weights dtype on disk")
+    x.set_defaults(fn=cmd_export)
 
     m = sub.add_parser("models", help="list model configs clipslim registers with open_clip")
     m.add_argument("--all", action="store_true", help="also list open_clip's own configs")

@@ -239,6 +239,8 @@ class Trainer:
     def _loop(self, stop: _StopFlag) -> None:
         bar = tqdm(total=self.cfg.steps, initial=self.step, disable=not self.progress, desc=self.recipe.name)
         tick, pairs = time.perf_counter(), 0
+        if self.cfg.eval_every and self.step == 0:
+            self.evaluate()  # the starting point: what inheritance alone gives
         while self.step < self.cfg.steps and not stop.requested:
             out = self.train_step(self.stream.next())
             self.step += 1
@@ -276,7 +278,7 @@ class Trainer:
 
 
 def _terms(out: dict[str, torch.Tensor]) -> dict[str, float]:
-    return {k: round(float(v), 6) for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
+    return {k: round(float(v.detach()), 6) for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
 
 
 def _flat_eval(results: dict[str, Any]) -> dict[str, Any]:

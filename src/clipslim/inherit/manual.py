@@ -1,0 +1,403 @@
+"""TinyCLIP's manual weight inheritance, as an in-place transform between two stock open_clip models.
+
+The rule (TinyCLIP ``weight_inherit.py``, strategy "interval_front"):
+
+- **Depth.** Student block ``i`` takes teacher block ``interval_layers(L_t, L_s)[i]``: layers ``0, s, 2s, ...`` with
+  ``s = floor(L_t / L_s)``, so 12->6 keeps every other layer and 12->9 keeps the first nine.
+- **Attention.** ``in_proj_weight`` (3*w, w) is viewed as (3, heads, head_dim, w); the leading student heads and
+  leading student input channels are kept (same for ``in_proj_bias``). ``out_proj`` keeps the leading output rows and
+  the input columns of the kept heads, which with the leading heads are the leading ``w_s`` columns. Head dim must
+  be equal in teacher and student.
+- **Everything else** (MLP, LayerNorms, layer scales, embeddings, positional embeddings, projections, ``conv1``) is
+  cut to its leading slice ``[:s]`` in every dimension. Sizes that a slice cannot fix must match: patch size, the
+  number of image tokens (no grid resizing), vocabulary size.
+
+Blocks are addressed by explicit index, never through state-dict key order (TinyCLIP selects layers by walking
+the ordered keys, which silently picks wrong layers if the keys are ever sorted; see the reference notes, §8.8).
+
+Supported towers: open_clip's native ``VisionTransformer`` (``model.visual``) and native ``TextTransformer`` text
+towers, either flattened into a ``CLIP`` (``token_embedding``, ``transformer``, ... at top level) or kept as
+``model.text`` in a ``CustomTextCLIP``; default and "custom" (NormFormer-style) residual blocks. ResNet, timm and
+Hugging Face towers, and attentional pooling, raise :class:`InheritError`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from open_clip.transformer import TextTransformer, VisionTransformer
+from torch import nn
+
+__all__ = ["InheritError", "TowerGeometry", "check_compatible", "inherit_manual", "interval_layers", "tower_geometry"]
+
+
+class InheritError(ValueError):
+    """Teacher and student cannot be paired by manual inheritance; the message names the offending field."""
+
+
+def interval_layers(n_teacher: int, n_student: int) -> list[int]:
+    """Teacher block indices that the student's blocks inherit: ``0, s, 2s, ...`` with ``s = n_teacher // n_student``.
+
+    >>> interval_layers(12, 6)
+    [0, 2, 4, 6, 8, 10]
+    >>> interval_layers(12, 9)  # step 1: the first nine
+    [0, 1, 2, 3, 4, 5, 6, 7, 8]
+    """
+    if n_student < 1:
+        raise InheritError(f"student depth must be >= 1, got {n_student}")
+    if n_student > n_teacher:
+        raise InheritError(f"student depth {n_student} > teacher depth {n_teacher}")
+    step = n_teacher // n_student
+    return [i * step for i in range(n_student)]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Towers and their geometry
+
+
+@dataclass(frozen=True)
+class _Tower:
+    kind: str  # "visual" | "text"
+    prefix: str  # parameter-name prefix of the tower inside the full model: "visual.", "text." or "" (flat CLIP)
+    module: nn.Module  # the module that owns the tower's attributes (the model itself for a flat CLIP text tower)
+
+
+@dataclass(frozen=True)
+class TowerGeometry:
+    """Sizes of one tower; ``extent`` is image tokens (visual) or context length (text)."""
+
+    width: int
+    layers: int
+    heads: int
+    head_dim: int
+    mlp_width: int
+    embed_dim: int
+    extent: int
+    patch_size: int | None = None  # visual only
+    vocab_size: int | None = None  # text only
+
+
+def _vision_tower(model: nn.Module) -> _Tower:
+    visual = getattr(model, "visual", None)
+    if not isinstance(visual, VisionTransformer):
+        raise InheritError(
+            f"visual tower {type(visual).__name__} is not supported (only open_clip's native VisionTransformer)"
+        )
+    if visual.attn_pool is not None:
+        raise InheritError("visual.attn_pool (attentional pooling) is not supported by manual inheritance")
+    return _Tower("visual", "visual.", visual)
+
+
+def _text_tower(model: nn.Module) -> _Tower:
+    text = getattr(model, "text", None)
+    if isinstance(text, nn.Module):
+        if not isinstance(text, TextTransformer):
+            raise InheritError(
+                f"text tower {type(text).__name__} is not supported (only open_clip's native TextTransformer)"
+            )
+        return _Tower("text", "text.", text)
+    if isinstance(getattr(model, "token_embedding", None), nn.Embedding) and hasattr(model, "transformer"):
+        return _Tower("text", "", model)  # open_clip.CLIP flattens its text tower into the model
+    raise InheritError(f"text tower of {type(model).__name__} is not supported (no native open_clip text tower)")
+
+
+def _blocks(tower: _Tower) -> nn.ModuleList:
+    blocks = getattr(getattr(tower.module, "transformer", None), "resblocks", None)
+    if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
+        raise InheritError(f"{tower.kind}.transformer has no resblocks")
+    return blocks
+
+
+def _proj_out_dim(proj: nn.Module | torch.Tensor | None, width: int) -> int:
+    if proj is None:
+        return width
+    if isinstance(proj, nn.Linear):
+        return proj.out_features
+    return proj.shape[1]
+
+
+def tower_geometry(tower: _Tower) -> TowerGeometry:
+    blocks = _blocks(tower)
+    attn = blocks[0].attn
+    width = attn.num_heads * attn.head_dim
+    common = dict(
+        width=width,
+        layers=len(blocks),
+        heads=attn.num_heads,
+        head_dim=attn.head_dim,
+        mlp_width=blocks[0].mlp.c_fc.out_features,
+    )
+    m = tower.module
+    if tower.kind == "visual":
+        return TowerGeometry(
+            **common,
+            embed_dim=_proj_out_dim(m.proj, width),
+            extent=m.positional_embedding.shape[0],
+            patch_size=m.conv1.kernel_size[0],
+        )
+    return TowerGeometry(
+        **common,
+        embed_dim=_proj_out_dim(m.text_projection, width),
+        extent=m.positional_embedding.shape[0],
+        vocab_size=m.token_embedding.num_embeddings,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Compatibility
+
+_AT_MOST = ("width", "layers", "heads", "mlp_width", "embed_dim")
+
+
+def check_compatible(teacher: nn.Module, student: nn.Module) -> None:
+    """Raise :class:`InheritError` (naming the field, e.g. ``text.layers``) unless ``student`` can inherit from
+    ``teacher``; touches no weights."""
+    for get in (_vision_tower, _text_tower):
+        t_tower, s_tower = get(teacher), get(student)
+        kind = t_tower.kind
+        t, s = tower_geometry(t_tower), tower_geometry(s_tower)
+        if s.head_dim != t.head_dim:
+            raise InheritError(f"{kind}.head_dim differs: student {s.head_dim}, teacher {t.head_dim}")
+        for name in _AT_MOST:
+            sv, tv = getattr(s, name), getattr(t, name)
+            if sv > tv:
+                raise InheritError(f"student {kind}.{name} {sv} > teacher {tv}")
+        if kind == "visual":
+            if s.patch_size != t.patch_size:
+                raise InheritError(f"visual.patch_size differs: student {s.patch_size}, teacher {t.patch_size}")
+            if s.extent != t.extent:
+                raise InheritError(
+                    f"visual.positional_embedding tokens differ: student {s.extent}, teacher {t.extent} "
+                    "(resizing the position grid is out of scope)"
+                )
+            pos = s_tower.module.positional_embedding
+            if not pos.requires_grad and s.width != t.width:
+                raise InheritError(
+                    "visual.positional_embedding is a fixed sin-cos table; cannot slice it to a new width"
+                )
+        else:
+            if s.extent > t.extent:
+                raise InheritError(f"student text.context_length {s.extent} > teacher {t.extent}")
+            if s.vocab_size != t.vocab_size:
+                raise InheritError(f"text.vocab_size differs: student {s.vocab_size}, teacher {t.vocab_size}")
+            t_proj, s_proj = t_tower.module.text_projection, s_tower.module.text_projection
+            if s_proj is not None and type(s_proj) is not type(t_proj):
+                raise InheritError(
+                    f"text.text_projection kinds differ: student {type(s_proj).__name__}, "
+                    f"teacher {type(t_proj).__name__}"
+                )
+        if s.layers < 1:
+            raise InheritError(f"student {kind}.layers must be >= 1")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Slicing rules
+
+Rule = Callable[[torch.Tensor, torch.Size, int], torch.Tensor]  # (teacher tensor, student shape, head_dim)
+
+
+def _leading(t: torch.Tensor, shape: torch.Size, head_dim: int) -> torch.Tensor:
+    """Leading slice ``[:s0, :s1, ...]`` of ``t`` to ``shape``."""
+    if t.dim() != len(shape) or any(s > n for s, n in zip(shape, t.shape, strict=True)):
+        raise InheritError(f"cannot cut teacher shape {tuple(t.shape)} to student shape {tuple(shape)}")
+    return t[tuple(slice(0, s) for s in shape)]
+
+
+def _qkv(t: torch.Tensor, shape: torch.Size, head_dim: int) -> torch.Tensor:
+    """Packed q/k/v projection: keep the leading heads of each of q, k, v (and the leading input channels)."""
+    width_t, width_s = t.shape[0] // 3, shape[0] // 3
+    heads_t, heads_s = width_t // head_dim, width_s // head_dim
+    if heads_s * head_dim != width_s or heads_t * head_dim != width_t or heads_s > heads_t:
+        raise InheritError(f"cannot cut packed qkv {tuple(t.shape)} to {tuple(shape)} with head_dim {head_dim}")
+    per_head = t.reshape(3, heads_t, head_dim, *t.shape[1:])[:, :heads_s]
+    if t.dim() == 2:  # weight (3*w, w): also keep the leading input channels
+        if shape[1] > t.shape[1]:
+            raise InheritError(f"cannot cut packed qkv {tuple(t.shape)} to {tuple(shape)}")
+        per_head = per_head[..., : shape[1]]
+    return per_head.reshape(shape)
+
+
+def _scalar(t: torch.Tensor, shape: torch.Size, head_dim: int) -> torch.Tensor:
+    """logit_scale / logit_bias: one value, whatever the scalar/nonscalar layout."""
+    if t.numel() != 1:
+        raise InheritError(f"expected a one-element tensor, teacher has shape {tuple(t.shape)}")
+    return t.reshape(shape)
+
+
+# Block-relative parameter names. Everything not listed is left without a rule and reported as missed.
+_BLOCK_RULES: dict[str, Rule] = {
+    "attn.in_proj_weight": _qkv,
+    "attn.in_proj_bias": _qkv,
+    **{
+        name: _leading
+        for name in (
+            "ln_1.weight",
+            "ln_1.bias",
+            "ln_2.weight",
+            "ln_2.bias",
+            "attn.out_proj.weight",
+            "attn.out_proj.bias",
+            "mlp.c_fc.weight",
+            "mlp.c_fc.bias",
+            "mlp.c_proj.weight",
+            "mlp.c_proj.bias",
+            "ls_1.gamma",
+            "ls_2.gamma",
+            # CustomResidualAttentionBlock extras (NormFormer-style); per-head tensors keep the leading heads
+            "attn.ln_q.weight",
+            "attn.ln_q.bias",
+            "attn.ln_k.weight",
+            "attn.ln_k.bias",
+            "attn.logit_scale",
+            "attn.head_scale",
+            "attn.ln_inner.weight",
+            "attn.ln_inner.bias",
+            "ln_attn.weight",
+            "ln_attn.bias",
+            "mlp.ln.weight",
+            "mlp.ln.bias",
+        )
+    },
+}
+
+_VISUAL_RULES: dict[str, Rule] = {
+    name: _leading
+    for name in (
+        "conv1.weight",
+        "class_embedding",
+        "positional_embedding",
+        "ln_pre.weight",
+        "ln_pre.bias",
+        "ln_post.weight",
+        "ln_post.bias",
+        "proj",
+    )
+}
+
+_TEXT_RULES: dict[str, Rule] = {
+    name: _leading
+    for name in (
+        "token_embedding.weight",
+        "positional_embedding",
+        "cls_emb",
+        "ln_final.weight",
+        "ln_final.bias",
+        "text_projection",
+        "text_projection.weight",
+        "text_projection.bias",
+    )
+}
+
+_BLOCK_RE = re.compile(r"transformer\.resblocks\.(\d+)\.(.+)")
+
+
+@dataclass(frozen=True)
+class _Copy:
+    student_name: str
+    teacher_name: str
+    rule: Rule
+    head_dim: int
+
+
+def _plan_tower(
+    t_tower: _Tower, s_tower: _Tower, s_names: list[str], layers: list[int], head_dim: int
+) -> tuple[list[_Copy], set[str]]:
+    """Map the student tower's parameters to teacher parameters; returns (plan, claimed student names)."""
+    rules = _VISUAL_RULES if s_tower.kind == "visual" else _TEXT_RULES
+    plan: list[_Copy] = []
+    claimed: set[str] = set()
+    for name in s_names:
+        if not name.startswith(s_tower.prefix):
+            continue
+        local = name[len(s_tower.prefix) :]
+        block = _BLOCK_RE.fullmatch(local)
+        if block is not None:
+            index, rest = int(block.group(1)), block.group(2)
+            if rest not in _BLOCK_RULES:
+                continue  # no rule: reported as missed
+            teacher_local = f"transformer.resblocks.{layers[index]}.{rest}"
+            plan.append(_Copy(name, t_tower.prefix + teacher_local, _BLOCK_RULES[rest], head_dim))
+        elif local in rules:
+            plan.append(_Copy(name, t_tower.prefix + local, rules[local], head_dim))
+        else:
+            continue
+        claimed.add(name)
+    return plan, claimed
+
+
+def inherit_manual(teacher: nn.Module, student: nn.Module, *, copy_logit_scale: bool = True) -> dict:
+    """Copy TinyCLIP-style sliced teacher weights into ``student`` in place; returns a report.
+
+    The student keeps its own dtype and device. Every student parameter is written, or the call raises
+    :class:`InheritError` before any weight is touched (parameters without a rule, e.g. from an unsupported block
+    type, are named in the message); non-persistent buffers such as the causal ``attn_mask`` are the student's own.
+
+    ``copy_logit_scale``: copy the teacher's ``logit_scale`` (default). **Deliberate difference from TinyCLIP**,
+    whose manual inheritance leaves the student's initial ``logit_scale`` (and whose recipes then pin it with
+    ``--logit-scale 50``); pass ``False`` to reproduce that. ``logit_bias`` is copied when both models have one;
+    a student ``logit_bias`` without a teacher counterpart keeps its initial value (listed in ``kept_init``).
+
+    Report keys: ``visual_layers`` / ``text_layers`` (teacher block of each student block), ``copied`` (number of
+    tensors written), ``logit_scale_copied``, ``kept_init`` (student parameters intentionally left at their
+    initial value), ``visual`` / ``text`` (``{"teacher": geometry, "student": geometry}``).
+    """
+    check_compatible(teacher, student)
+    t_params = dict(teacher.named_parameters())
+    s_params = dict(student.named_parameters())
+    s_names = list(s_params)
+
+    plan: list[_Copy] = []
+    claimed: set[str] = set()
+    report: dict = {}
+    for get in (_vision_tower, _text_tower):
+        t_tower, s_tower = get(teacher), get(student)
+        t_geo, s_geo = tower_geometry(t_tower), tower_geometry(s_tower)
+        layers = interval_layers(t_geo.layers, s_geo.layers)
+        report[f"{s_tower.kind}_layers"] = layers
+        report[s_tower.kind] = {"teacher": asdict(t_geo), "student": asdict(s_geo)}
+        tower_plan, tower_claimed = _plan_tower(t_tower, s_tower, s_names, layers, s_geo.head_dim)
+        plan += tower_plan
+        claimed |= tower_claimed
+
+    kept_init: list[str] = []
+    for name in ("logit_scale", "logit_bias"):
+        if name not in s_params:
+            continue
+        claimed.add(name)
+        if (name == "logit_scale" and not copy_logit_scale) or name not in t_params:
+            kept_init.append(name)
+        else:
+            plan.append(_Copy(name, name, _scalar, 0))
+
+    # Every student parameter (state-dict entries that are not buffers) must have been planned or deliberately kept.
+    buffers = {n for n, _ in student.named_buffers()}
+    required = {k for k in student.state_dict() if k not in buffers}
+    missed = sorted(required - claimed)
+    if missed:
+        raise InheritError(f"no inheritance rule for student parameters: {', '.join(missed)}")
+
+    # Resolve every slice before writing anything, so a failure leaves the student untouched.
+    resolved: list[tuple[nn.Parameter, torch.Tensor]] = []
+    for c in plan:
+        if c.teacher_name not in t_params:
+            raise InheritError(f"teacher has no parameter {c.teacher_name} for student {c.student_name}")
+        target = s_params[c.student_name]
+        try:
+            value = c.rule(t_params[c.teacher_name].detach(), target.shape, c.head_dim)
+        except InheritError as err:
+            raise InheritError(f"{c.student_name} <- {c.teacher_name}: {err}") from None
+        resolved.append((target, value))
+
+    with torch.no_grad():
+        for target, value in resolved:
+            target.copy_(value.to(device=target.device, dtype=target.dtype))
+
+    written = {c.student_name for c in plan} | set(kept_init)
+    assert written >= required, sorted(required - written)  # guarded above; kept as a post-condition
+    report["copied"] = len(resolved)
+    report["logit_scale_copied"] = "logit_scale" in s_params and "logit_scale" not in kept_init
+    report["kept_init"] = kept_init
+    return report

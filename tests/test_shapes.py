@@ -1,0 +1,222 @@
+"""The shapes generator: determinism, split rules, caption/token limits, and that pixels match the words."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import webdataset as wds
+
+from clipslim.data import shapes
+from clipslim.data.shapes import (
+    COLOURS,
+    HELDOUT,
+    PAIR_CAPTIONS,
+    POSITIONS,
+    SHAPES,
+    SINGLE_CAPTIONS,
+    SIZES,
+    TEMPLATES,
+    caption_for,
+    classnames,
+    generate_sample,
+    load_info,
+    read_lines,
+    render,
+    write_shapes,
+)
+
+ARGS = dict(n_train=300, n_eval=128, seed=0, shard_size=100, image_size=64, progress=False)
+
+
+def read_samples(paths: list[Path]) -> list[dict]:
+    return list(wds.DataPipeline(wds.SimpleShardList([str(p) for p in paths]), wds.tarfile_to_samples()))
+
+
+def shard_paths(root: Path, split: str) -> list[Path]:
+    return sorted((root / split).glob("*.tar"))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("shapes")
+    write_shapes(root, workers=2, **ARGS)  # the parallel path; compared with the serial path below
+    return root
+
+
+def test_classnames_and_heldout_combos() -> None:
+    names = classnames()
+    assert len(names) == 64 == len(set(names))
+    assert names[:2] == ["red circle", "red square"] and names[8] == "green circle"
+    assert len(HELDOUT) == 12
+    assert all(c in COLOURS and s in SHAPES for c, s in HELDOUT)
+    for colour in COLOURS:  # every colour and shape keeps several training partners
+        assert sum((colour, s) not in HELDOUT for s in SHAPES) >= 6
+    for shape in SHAPES:
+        assert sum((c, shape) not in HELDOUT for c in COLOURS) >= 6
+    assert len(TEMPLATES) == 4 and all(t.count("{}") == 1 for t in TEMPLATES)
+    assert len(SINGLE_CAPTIONS) >= 6
+
+
+def _pair(c1: str, s1: str, z1: str, p1: str, c2: str, s2: str, z2: str, p2: str) -> list[dict[str, str]]:
+    return [dict(colour=c1, shape=s1, size=z1, position=p1), dict(colour=c2, shape=s2, size=z2, position=p2)]
+
+
+def _all_captions() -> list[str]:
+    """Every single-object caption, plus pair captions over all 64x64 combos and, with the longest words, every
+    size/layout (CLIP's BPE splits at spaces, so token counts add up word by word)."""
+    out = []
+    for t in range(len(SINGLE_CAPTIONS)):
+        for c in COLOURS:
+            for s in SHAPES:
+                for z in SIZES:
+                    out += [caption_for([dict(colour=c, shape=s, size=z, position=p)], t) for p in POSITIONS]
+    layouts = [("left", "right"), ("right", "left"), ("top", "bottom"), ("bottom", "top")]
+    for t in range(len(PAIR_CAPTIONS)):
+        out += [caption_for(_pair(c1, s1, "small", "left", c2, s2, "large", "right"), t) for c1 in COLOURS
+                for s1 in SHAPES for c2 in COLOURS for s2 in SHAPES]  # fmt: skip
+        for z1 in SIZES:
+            for z2 in SIZES:
+                out += [
+                    caption_for(_pair("orange", "hexagon", z1, a, "purple", "hexagon", z2, b), t) for a, b in layouts
+                ]
+    return out
+
+
+def test_every_caption_fits_context_16() -> None:
+    captions = _all_captions()
+    assert len(captions) > 20000
+    bpe = open_clip.tokenizer.SimpleTokenizer()
+    longest = max(captions, key=lambda c: len(bpe.encode(c)))
+    assert len(bpe.encode(longest)) <= 14, longest
+    # open_clip writes EOT into the last slot when it truncates, so check the real position on the longest one.
+    tokens = open_clip.get_tokenizer("ViT-B-32")([longest])[0]
+    eot = int(tokens.argmax())  # EOT has the highest id in CLIP's vocabulary
+    assert eot == len(bpe.encode(longest)) + 1 and eot < 16
+
+
+def test_sample_meta_matches_caption_and_train_rules() -> None:
+    rng = np.random.default_rng(1)
+    n_pairs = 0
+    for _ in range(200):
+        image, caption, meta = generate_sample(rng, "train")
+        assert image.size == (64, 64) and image.mode == "RGB"
+        json.dumps(meta)
+        assert meta["n_objects"] == len(meta["objects"]) in (1, 2)
+        n_pairs += meta["n_objects"] == 2
+        for obj in meta["objects"]:
+            assert (obj["colour"], obj["shape"]) not in HELDOUT
+            assert f"{obj['colour']} {obj['shape']}" in caption
+        first = meta["objects"][0]
+        phrases = [caption.index(f"{o['colour']} {o['shape']}") for o in meta["objects"]]
+        assert phrases == sorted(phrases)  # the primary object is named first
+        assert classnames()[meta["cls"]] == f"{first['colour']} {first['shape']}"
+        assert meta["heldout"] is False
+    assert 30 <= n_pairs <= 90  # ~30% pairs
+
+
+def test_eval_samples_cover_heldout() -> None:
+    rng = np.random.default_rng(2)
+    held = [generate_sample(rng, "eval", cls=c)[2] for c in range(64)]
+    assert [m["cls"] for m in held] == list(range(64))
+    assert sum(m["heldout"] for m in held) == 12
+    assert all(m["n_objects"] == 1 for m in held)
+    with pytest.raises(ValueError, match="unknown split"):
+        generate_sample(rng, "test")
+
+
+def _patch_mean(colour: str, shape: str = "circle") -> np.ndarray:
+    obj = dict(colour=colour, shape=shape, size="large", position="center")
+    pixels = np.asarray(render([obj], np.random.default_rng(0), 64), dtype=float)
+    return pixels[29:35, 29:35].reshape(-1, 3).mean(0)
+
+
+def test_pixels_show_the_named_colour() -> None:
+    red, blue, white, black = (_patch_mean(c) for c in ("red", "blue", "white", "black"))
+    assert red[0] > 180 and red[2] < 70
+    assert blue[2] > 180 and blue[0] < 80
+    assert white.min() > 220 and black.max() < 40
+
+
+def test_shapes_have_distinct_masks() -> None:
+    masks = {}
+    for shape in SHAPES:
+        obj = dict(colour="red", shape=shape, size="large", position="center")
+        pixels = np.asarray(render([obj], np.random.default_rng(0), 64)).astype(int)
+        masks[shape] = (pixels[..., 0] > 170) & (pixels[..., 1] < 90)
+    assert masks["ring"][32, 32] == 0 and masks["circle"][32, 32] == 1
+    for a in SHAPES:
+        for b in SHAPES:
+            if a < b:
+                iou = (masks[a] & masks[b]).sum() / (masks[a] | masks[b]).sum()
+                assert iou < 0.9, (a, b, iou)  # circle vs hexagon is the closest pair (~0.85)
+
+
+def test_written_dataset_layout(dataset: Path) -> None:
+    info = load_info(dataset)
+    assert info["splits"] == {
+        "train": {"num_samples": 300, "num_shards": 3},
+        "eval": {"num_samples": 128, "num_shards": 2},
+    }
+    assert info["name"] == "shapes" and info["version"] == 1 and len(info["heldout"]) == 12
+    assert [p.name for p in shard_paths(dataset, "train")] == [f"shapes-train-00000{i}.tar" for i in range(3)]
+    assert read_lines(dataset / "classnames.txt") == classnames()
+    assert tuple(read_lines(dataset / "templates.txt")) == TEMPLATES
+    assert json.loads((dataset / "eval" / "sizes.json").read_text()) == {
+        "shapes-eval-000000.tar": 100,
+        "shapes-eval-000001.tar": 28,
+    }
+    assert not list(dataset.rglob("*.tmp"))
+
+
+def test_train_split_never_shows_heldout(dataset: Path) -> None:
+    samples = read_samples(shard_paths(dataset, "train"))
+    assert len(samples) == 300 and len({s["__key__"] for s in samples}) == 300
+    for s in samples:
+        meta = json.loads(s["json"])
+        assert all((o["colour"], o["shape"]) not in HELDOUT for o in meta["objects"])
+        assert s["png"][:8] == b"\x89PNG\r\n\x1a\n" and s["txt"].decode().strip()
+
+
+def test_eval_split_is_balanced(dataset: Path) -> None:
+    metas = [json.loads(s["json"]) for s in read_samples(shard_paths(dataset, "eval"))]
+    counts = Counter(m["cls"] for m in metas)
+    assert len(metas) == 128 and set(counts.values()) == {2} and len(counts) == 64
+    assert sum(m["heldout"] for m in metas) == 24  # 12/64 of the eval set
+    assert all(m["n_objects"] == 1 for m in metas)
+
+
+def test_deterministic_bytes_and_seed_sensitivity(dataset: Path, tmp_path: Path) -> None:
+    write_shapes(tmp_path / "same", workers=0, **ARGS)
+    for split in ("train", "eval"):
+        for a, b in zip(shard_paths(dataset, split), shard_paths(tmp_path / "same", split), strict=True):
+            assert a.read_bytes() == b.read_bytes()
+    write_shapes(tmp_path / "other", workers=0, **(ARGS | {"seed": 1, "n_train": 100, "n_eval": 0}))
+    first = "train/shapes-train-000000.tar"
+    assert (tmp_path / "other" / first).read_bytes() != (dataset / first).read_bytes()
+
+
+def test_cached_when_parameters_match_and_regenerated_otherwise(tmp_path: Path) -> None:
+    args = ARGS | {"n_train": 30, "n_eval": 10, "shard_size": 10}
+    info = write_shapes(tmp_path, workers=0, **args)
+    shard = tmp_path / "train" / "shapes-train-000002.tar"
+    stamp = shard.stat().st_mtime_ns
+    assert write_shapes(tmp_path, workers=0, **args) == info
+    assert shard.stat().st_mtime_ns == stamp
+    smaller = write_shapes(tmp_path, workers=0, **(args | {"n_train": 15}))
+    assert smaller["splits"]["train"] == {"num_samples": 15, "num_shards": 2}
+    assert not shard.exists()  # stale shards of the bigger run are gone, so a directory glob is exact
+    assert len(read_samples(shard_paths(tmp_path, "train"))) == 15
+
+
+def test_shard_seeding_is_independent() -> None:
+    """A shard's content depends only on (seed, split, shard), which is what makes parallel writing safe."""
+    a = list(shapes.shard_samples("train", 1, 100, 3, 0, 64))
+    b = list(shapes.shard_samples("train", 1, 100, 3, 0, 64))
+    c = list(shapes.shard_samples("train", 2, 100, 3, 0, 64))
+    assert a == b and a[0]["png"] != c[0]["png"]
+    assert a[0]["__key__"] == "train-00000100"

@@ -1,0 +1,91 @@
+"""Trainer: end-to-end on tiny models, exact resume after an interruption, teacher frozen, crash-safe checkpoints."""
+
+import json
+import signal
+
+import open_clip
+import pytest
+import torch
+
+from clipslim.config import ConfigError
+from clipslim.io import load_tensors
+from clipslim.train import Trainer, train
+from clipslim.train.checkpoint import latest_checkpoint
+
+
+def test_end_to_end_writes_run_dir(tiny_recipe, tmp_path):
+    results = train(tiny_recipe(eval_every=3), tmp_path / "run", progress=False)
+    run = tmp_path / "run"
+    assert (run / "recipe.yaml").is_file() and (run / "inherit.json").is_file()
+    rows = (run / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 1 + 6 and "affinity_loss" in rows[0] and "clip_loss" in rows[0] and "pairs_per_s" in rows[0]
+    evals = (run / "evals.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in evals[1:]] == ["0", "3", "6"]  # start, periodic, final
+    assert results["steps"] == 6 and results["eval"]["zeroshot_heldout"]["n"] > 0
+    assert json.loads((run / "results.json").read_text())["params"] == results["params"]
+    model = open_clip.create_model(f"local-dir:{run / 'student'}")
+    assert sum(p.numel() for p in model.parameters()) == results["params"]
+
+
+def test_teacher_frozen_and_not_checkpointed(tiny_recipe, tmp_path):
+    trainer = Trainer(tiny_recipe(steps=2), tmp_path / "run", progress=False)
+    teacher = trainer.built.teacher.model
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    trainer.run()
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    saved = load_tensors(latest_checkpoint(tmp_path / "run" / "checkpoints") / "model.safetensors")
+    assert all(k.startswith(("student.", "objectives.")) for k in saved)
+
+
+def _interrupt_at(trainer: Trainer, step: int) -> None:
+    """Deliver a real SIGTERM once ``step`` steps are done, as a scheduler would."""
+    original = trainer.train_step
+
+    def step_then_signal(batch):
+        out = original(batch)
+        if trainer.step + 1 == step:
+            signal.raise_signal(signal.SIGTERM)
+        return out
+
+    trainer.train_step = step_then_signal
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(tiny_recipe, tmp_path):
+    recipe = tiny_recipe(steps=8, save_every=100)  # only the signal and the end save checkpoints
+    train(recipe, tmp_path / "straight", progress=False)
+
+    first = Trainer(recipe, tmp_path / "resumed", progress=False)
+    _interrupt_at(first, 5)
+    assert first.run() == {"stopped_at": 5}
+    assert latest_checkpoint(tmp_path / "resumed" / "checkpoints").name == "step_000005"
+    with pytest.raises(ConfigError, match="already has checkpoints"):
+        Trainer(recipe, tmp_path / "resumed", progress=False)
+    train(recipe, tmp_path / "resumed", resume=True, progress=False)
+
+    a = load_tensors(tmp_path / "straight" / "student" / "open_clip_model.safetensors")
+    b = load_tensors(tmp_path / "resumed" / "student" / "open_clip_model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed run diverged from the uninterrupted one"
+    losses = [r.split(",") for r in (tmp_path / "resumed" / "metrics.csv").read_text().splitlines()[1:]]
+    assert [int(r[0]) for r in losses] == list(range(1, 9))
+
+
+def test_checkpoint_keeps_latest_and_ignores_partial(tiny_recipe, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_recipe(steps=6, save_every=2, keep_checkpoints=2), run, progress=False)
+    ckpts = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
+    assert ckpts == ["step_000004", "step_000006"]
+    (run / "checkpoints" / ".tmp-step_000008").mkdir()  # a crash mid-write leaves this behind
+    assert latest_checkpoint(run / "checkpoints").name == "step_000006"
+
+
+def test_missing_data_is_one_line_error(tiny_recipe, tmp_path):
+    from clipslim.recipe import recipe_from_dict
+
+    recipe = tiny_recipe()
+    bad = recipe_from_dict({"teacher": "tiny-teacher", "student": {"arch": "tiny-student"},
+                            "data": {"train": str(tmp_path / "nope")}, "objectives": {"clip": 1.0}})  # fmt: skip
+    with pytest.raises(ValueError, match="nope"):
+        train(bad, tmp_path / "run", progress=False)
+    assert recipe.train.steps == 6
