@@ -12,6 +12,7 @@ Re-running reuses finished runs and resumes interrupted ones, so nothing already
 from __future__ import annotations
 
 import csv
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,9 @@ TEACHER = "shapes-teacher:demo"
 RECIPES = ("demo_distill", "demo_scratch")
 
 
-def _run_recipe(name: str, out: Path, data_dir: Path, steps: int | None) -> tuple[Path, dict[str, Any]]:
+def _run_recipe(
+    name: str, out: Path, data_dir: Path, steps: int | None, extra: list[str]
+) -> tuple[Path, dict[str, Any]]:
     from .cli import resolve_recipe
     from .recipe import load_recipe
     from .train import train
@@ -35,13 +38,13 @@ def _run_recipe(name: str, out: Path, data_dir: Path, steps: int | None) -> tupl
     overrides = [f"data.train={data_dir / 'train'}", f"data.eval={data_dir}"]
     if steps is not None:
         overrides += [f"train.steps={steps}", f"train.eval_every={max(1, steps // 4)}"]
-    recipe = load_recipe(resolve_recipe(name), overrides)
+    if load_recipe(resolve_recipe(name), overrides).teacher is None:  # e.g. the from-scratch baseline
+        extra = [o for o in extra if not o.startswith("teacher=")]
+    recipe = load_recipe(resolve_recipe(name), overrides + extra)
     run_dir = out / recipe.name
     done = run_dir / "results.json"
     if done.is_file() and (run_dir / "recipe.yaml").read_text() == _recipe_yaml(recipe):
         log.info("%s: reusing finished run in %s", recipe.name, run_dir)
-        import json
-
         return run_dir, json.loads(done.read_text())
     resume = latest_checkpoint(run_dir / "checkpoints") is not None
     if resume and (run_dir / "recipe.yaml").read_text() != _recipe_yaml(recipe):
@@ -119,16 +122,26 @@ def plot_runs(runs: dict[str, Path], teacher_acc: float, out_png: Path) -> Path:
     return out_png
 
 
-def run_demo(out: Path, steps: int | None = None, data_dir: Path = Path(".data/shapes")) -> dict[str, Any]:
+def run_demo(
+    out: Path,
+    steps: int | None = None,
+    data_dir: Path = Path(".data/shapes"),
+    *,
+    teacher: str = TEACHER,
+    overrides: tuple[str, ...] = (),
+    data_args: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run the demo; ``teacher``, ``overrides`` (applied to both recipes) and ``data_args`` shrink it for tests."""
     from .data.shapes import write_shapes
     from .eval.run import evaluate_shapes
 
-    write_shapes(data_dir)
-    teacher = load_model(TEACHER)
-    rows = [_row("teacher (shipped)", teacher, evaluate_shapes(teacher, data_dir, progress=False))]
+    write_shapes(data_dir, **(data_args or {}))
+    extra = [f"teacher={teacher}", *overrides]
+    teacher_bundle = load_model(teacher)
+    rows = [_row(f"teacher ({teacher})", teacher_bundle, evaluate_shapes(teacher_bundle, data_dir, progress=False))]
     runs: dict[str, Path] = {}
     for name in RECIPES:
-        run_dir, results = _run_recipe(name, out, data_dir, steps)
+        run_dir, results = _run_recipe(name, out, data_dir, steps, extra)
         runs[run_dir.name] = run_dir
         label = "student 50%: inherited + distilled" if "distill" in name else "student 50%: from scratch"
         rows.append(_row(label, load_model(str(run_dir / "student")), results["eval"]))

@@ -88,9 +88,9 @@ def resolve_spec(spec: str) -> ResolvedSpec:
         if not _is_hub_folder(folder):
             raise ModelSpecError(f"model folder {folder} has no open_clip_config.json")
         return ResolvedSpec(f"local-dir:{folder}", None, folder.name)
-    if Path(spec).suffix in WEIGHT_SUFFIXES:
-        raise ModelSpecError(f"weights file {spec} needs an architecture: write ARCH:{spec}")
     arch, _, tag = spec.partition(":")
+    if not tag and Path(spec).suffix in WEIGHT_SUFFIXES:
+        raise ModelSpecError(f"weights file {spec} needs an architecture: write ARCH:{spec}")
     if open_clip.get_model_config(arch) is None:
         raise ModelSpecError(f"unknown architecture '{arch}' in model spec '{spec}' (see `clipslim models`)")
     if not tag:
@@ -123,7 +123,7 @@ def load_model(spec: str, device: str | torch.device = "cpu", precision: str = "
             model, pre_train, pre_val = open_clip.create_model_and_transforms(
                 resolved.model_name, pretrained=resolved.pretrained, device=device, precision=precision
             )
-        except (RuntimeError, OSError) as err:
+        except Exception as err:  # open_clip, safetensors and torch.load raise many types for one cause: bad input
             raise ModelSpecError(f"could not load model '{spec}': {err}") from err
     folder_cfg = _read_folder_cfg(resolved.model_name)
     model_cfg = folder_cfg.get("model_cfg") or open_clip.get_model_config(resolved.model_name) or {}
