@@ -9,7 +9,7 @@ embeddings.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -44,8 +44,22 @@ class OnlineTeacher:
         return encode(self.model, batch["image"], batch["text"])
 
 
+@runtime_checkable
+class HasStudentView(Protocol):
+    """An objective that needs its own student forward (e.g. MFD's masked image tower).
+
+    ``student_view`` gets the student model, the batch and the shared student outputs and returns the outputs this
+    objective's ``forward`` should see instead; it runs inside ``Distiller.forward``, so gradients flow as usual.
+    """
+
+    def student_view(self, model: nn.Module, batch: dict[str, Any], student: Outputs) -> Outputs: ...
+
+
 class Distiller(nn.Module):
-    """Student + weighted objectives; ``forward`` returns ``{"loss": total, "<name>_loss": ..., ...}``."""
+    """Student + weighted objectives; ``forward`` returns ``{"loss": total, "<name>_loss": ..., ...}``.
+
+    Every objective sees the same student outputs unless it implements :class:`HasStudentView`.
+    """
 
     def __init__(self, student: nn.Module, specs: list[ObjectiveSpec], teacher_dim: int | None = None) -> None:
         super().__init__()
@@ -64,7 +78,7 @@ class Distiller(nn.Module):
         out: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=student.image.device)
         for name, objective in self.objectives.items():
-            terms = _call(objective, student, teacher, batch)
+            terms = _call(objective, self.student, student, teacher, batch)
             total = total + self.weights[name] * terms[f"{name}_loss"]
             out.update(terms)
         out["loss"] = total
@@ -77,7 +91,11 @@ class Distiller(nn.Module):
         self.student.logit_scale.clamp_(0, math.log(max_scale))
 
 
-def _call(objective: Objective, student: Outputs, teacher: Outputs | None, batch: dict[str, Any]) -> dict:
+def _call(
+    objective: Objective, model: nn.Module, student: Outputs, teacher: Outputs | None, batch: dict[str, Any]
+) -> dict:
     if type(objective).needs_teacher and teacher is None:
         raise RuntimeError(f"objective '{objective.name}' needs teacher outputs but none were given")
+    if isinstance(objective, HasStudentView):
+        student = objective.student_view(model, batch, student)
     return objective(student, teacher, batch)
