@@ -19,6 +19,7 @@ from clipslim.objectives import Dims, Outputs, get_objective, parse_config
 from clipslim.objectives.affinity import soft_cross_entropy
 from clipslim.objectives.clip import info_nce
 from clipslim.objectives.gradient import info_nce_grads
+from clipslim.objectives.masked_feature import mask_seed
 from clipslim.recipe import ObjectiveSpec, recipe_from_dict
 
 B, D_S, D_T, PATCHES = 6, 32, 64, 64
@@ -154,7 +155,8 @@ def _explicit_masked_image(model: CLIP, images: torch.Tensor, kept: int) -> torc
     v = model.visual
     x = v.conv1(images).flatten(2).transpose(1, 2)
     x = torch.cat([v.class_embedding.expand(x.shape[0], 1, -1), x], dim=1) + v.positional_embedding
-    idx = torch.rand(x.shape[0], PATCHES).topk(kept, dim=1).indices
+    noise = torch.rand(x.shape[0], PATCHES, generator=torch.Generator().manual_seed(mask_seed(1)))
+    idx = noise.topk(kept, dim=1).indices
     x = torch.cat([x[:, :1], torch.stack([row[i] for row, i in zip(x[:, 1:], idx, strict=True)])], dim=1)
     x = v.ln_post(v.transformer(v.ln_pre(x)))
     return F.normalize(x[:, 0] @ v.proj, dim=-1)

@@ -50,19 +50,89 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"run dir: {out}")
 
 
-def cmd_eval(args: argparse.Namespace) -> None:
-    from .eval.run import evaluate_shapes, write_results
-    from .models import load_model
+def _eval_plan(datasets: list, tasks: list[str] | None, want_lp: bool) -> list[tuple]:
+    """(data, tasks) pairs: each set runs the requested tasks it supports; a task no set supports is an error."""
+    plan = []
+    for data in datasets:
+        chosen = list(data.default_tasks) if tasks is None else [t for t in tasks if t in data.tasks]
+        if want_lp and "linear_probe" in data.tasks and "linear_probe" not in chosen:
+            chosen.append("linear_probe")
+        if chosen:
+            plan.append((data, chosen))
+    wanted = [*(tasks or []), *(["linear_probe"] if want_lp else [])]
+    for task in wanted:
+        if not any(task in chosen for _, chosen in plan):
+            kinds = ", ".join(sorted({f"{d.path} ({d.kind})" for d in datasets}))
+            raise ValueError(f"task {task} is supported by none of --data {kinds}")
+    return plan
 
-    all_results = {}
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .eval.datasets import RunOptions, evaluate_data, open_eval_data, parse_tasks
+    from .models import count_params, load_model
+
+    datasets = [open_eval_data(d) for d in args.data]
+    plan = _eval_plan(datasets, parse_tasks(args.task) if args.task else None, bool(args.fewshot_k))
+    opts = RunOptions(batch_size=args.batch_size, device=args.device, fewshot_ks=args.fewshot_k or (-1,))
+    all_results: dict = {}
     for spec in args.model:
         bundle = load_model(spec, device=args.device)
-        results = evaluate_shapes(bundle, args.data, batch_size=args.batch_size, device=args.device)
-        all_results[spec] = results
-        if args.out:
-            name = spec.replace("/", "_").replace(":", "_")
-            write_results(Path(args.out) / f"{name}.json", results, spec, str(args.data))
+        extra = count_params(bundle.model).as_dict()
+        for data, tasks in plan:
+            res = evaluate_data(bundle, data, tasks, opts)
+            all_results.setdefault(spec, {})[data.name] = res["tasks"]
+            if args.out:
+                _write_eval(args.out, spec, data.name, res, extra)
     print(json.dumps(all_results, indent=2, default=str))
+
+
+def _write_eval(out: Path, spec: str, dataset: str, res: dict, extra: dict) -> None:
+    """One CLIP_benchmark-style file per task: ``{dataset}_{model}_{task}.json``."""
+    from .eval.run import write_results
+
+    for key, metrics in res["tasks"].items():
+        name = f"{dataset}_{spec.replace('/', '_').replace(':', '_')}_{key}.json"
+        task = "linear_probe" if key.startswith("linear_probe") else key
+        write_results(Path(out) / name, {**metrics, "skipped": res["skipped"]}, spec, dataset, task=task, extra=extra)
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from .eval.bench import bench_models, bench_table, plot_roofline
+    from .io import atomic_write_json
+
+    result = bench_models(args.model, args.device, args.batch_sizes, quick=args.quick, repeats=args.repeats)
+    if args.out:
+        atomic_write_json(args.out, result)
+    print(bench_table(result))
+    if args.plot:
+        png = plot_roofline(result, (args.out.parent if args.out else Path(".")) / "roofline.png")
+        print(f"roofline: {png}")
+
+
+def cmd_deploy(args: argparse.Namespace) -> None:
+    from .deploy import deploy
+    from .models import load_model
+
+    report = deploy(load_model(args.model), args.out, int8=args.int8, data=args.data, repeats=args.repeats)
+    for name, diffs in report["parity"].items():
+        print(f"parity {name}: " + ", ".join(f"{k}={v:.2e}" for k, v in diffs.items()))
+    for encoder, stats in report["speed_batch1"].items():
+        cells = [f"{n} {s['latency_ms_p50']:.2f} ms ({s['ratio_to_eager']:.2f}x)" for n, s in stats.items()]
+        print(f"batch-1 {encoder} encoder p50: " + ", ".join(cells))
+    for name, metrics in (report.get("accuracy") or {}).items():
+        print(f"accuracy {name}: " + json.dumps({k: v for k, v in metrics.items() if isinstance(v, float)}))
+    print(f"wrote {args.out} (image_encoder.onnx, text_encoder.onnx, deploy_config.json, deploy_report.json)")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from .eval.report import write_report
+
+    report = write_report(
+        args.inputs, args.out, metric=args.metric, dataset=args.dataset, write_html=args.html,
+        measure=not args.no_measure, device=args.device,
+    )  # fmt: skip
+    print(report["markdown"])
+    print(f"wrote {args.out}/report.md, report.json, pareto.png" + (", report.html" if args.html else ""))
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -102,6 +172,43 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(Path(args.out), steps=args.steps, data_dir=Path(args.data))
 
 
+def cmd_inherit(args: argparse.Namespace) -> None:
+    from .inherit.importance import inherit_to_folder
+
+    report = inherit_to_folder(
+        args.teacher, args.student, args.strategy, args.out, data=args.data, calib_batches=args.calib_batches
+    )
+    ev = report.get("eval") or {}
+    brief = {k: (ev.get(k) or {}).get("acc1") for k in ("zeroshot_heldout", "zeroshot_seen")}
+    print(json.dumps({"strategy": report["strategy"], "layers": report["visual_layers"], **brief}, default=str))
+    print(f"wrote {args.out} (inherit.json has the kept teacher indices)")
+
+
+def cmd_prune_blocks(args: argparse.Namespace) -> None:
+    from .inherit.blocks import prune_blocks
+
+    result = prune_blocks(
+        args.model, args.data, args.out, target_depth=args.target_depth, target_latency_ms=args.target_latency_ms,
+        val_shards=args.val, val_samples=args.val_samples, recover_steps=args.recover_steps,
+    )  # fmt: skip
+    print((Path(args.out) / "blocks.md").read_text())
+    print(f"removed {', '.join(result['removed']) or 'nothing'}; pruned model: {Path(args.out) / 'model'}")
+
+
+def cmd_stages(args: argparse.Namespace) -> None:
+    from .inherit.stages import run_stages
+    from .recipe import load_recipe
+
+    recipe = load_recipe(resolve_recipe(args.recipe), args.set)
+    out = args.out or Path("runs") / recipe.name
+    summary = run_stages(recipe, out, progress=not args.quiet)
+    if "stopped_in" in summary:
+        print(f"stopped in stage {summary['stopped_in']}; rerun the same command to resume")
+        return
+    print((Path(out) / "stages.md").read_text())
+    print(f"final student: {summary['student']}")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clipslim", description="Make CLIP models small and fast, with numbers.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -123,12 +230,20 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(fn=cmd_train)
 
-    e = sub.add_parser("eval", help="zero-shot (held-out / seen classes) and retrieval R@1/5/10")
+    e = sub.add_parser("eval", help="zero-shot, retrieval R@1/5/10, linear probe; several models and datasets")
     e.add_argument("--model", action="append", required=True, help="model spec; repeat to compare several")
-    e.add_argument("--data", required=True, type=Path, help="shapes-style folder (eval/*.tar, classnames.txt)")
-    e.add_argument("--out", type=Path, help="folder for one CLIP_benchmark-style JSON per model")
+    e.add_argument(
+        "--data", action="append", required=True,
+        help="shapes folder, ImageFolder (root/<class>/*, or root/train + root/test), retrieval .csv or shards; "
+        "repeat for several",
+    )  # fmt: skip
+    e.add_argument("--out", type=Path, help="folder for CLIP_benchmark-style JSONs, one per dataset/model/task")
     e.add_argument("--batch-size", type=int, default=256)
     e.add_argument("--device", default="cpu")
+    e.add_argument(
+        "--task", help="comma list of zeroshot, retrieval, linear_probe (default: what each dataset supports, no probe)"
+    )
+    e.add_argument("--fewshot-k", type=int, nargs="+", metavar="K", help="linear probe, K samples per class (-1: all)")
     e.set_defaults(fn=cmd_eval)
 
     x = sub.add_parser("export", help="save a model as an open_clip hub-format folder (loads in stock open_clip)")
@@ -149,7 +264,70 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--data", default=".data/shapes", help="where the shapes data is generated (cached)")
     demo.add_argument("--steps", type=int, default=None, help="training steps per student (default: recipe's)")
     demo.set_defaults(fn=cmd_demo)
+    _add_inherit_parsers(sub)
+    _add_deploy_parsers(sub)
     return p
+
+
+def _add_inherit_parsers(sub: argparse._SubParsersAction) -> None:
+    i = sub.add_parser("inherit", help="build a student from a teacher's weights (manual or importance-ranked)")
+    i.add_argument("--teacher", required=True, help="teacher model spec, e.g. shapes-teacher:demo")
+    i.add_argument("--student", required=True, help="student architecture, e.g. shapes-student-50")
+    i.add_argument("--strategy", default="manual", help="manual | importance:magnitude|activation|gradient")
+    i.add_argument("--out", required=True, type=Path, help="output open_clip folder (+ inherit.json)")
+    i.add_argument("--data", type=Path, help="shapes-style folder: calibration batches (train/) and eval")
+    i.add_argument("--calib-batches", type=int, default=4, help="calibration batches for activation/gradient")
+    i.set_defaults(fn=cmd_inherit)
+
+    pb = sub.add_parser("prune-blocks", help="remove the least harmful residual blocks (greedy, validated)")
+    pb.add_argument("--model", required=True, help="model spec")
+    pb.add_argument("--data", required=True, type=Path, help="shapes-style folder (classnames, templates, eval/)")
+    target = pb.add_mutually_exclusive_group(required=True)
+    target.add_argument("--target-depth", type=int, help="total blocks left over both towers")
+    target.add_argument("--target-latency-ms", type=float, help="ms per image+caption at batch 64 to reach")
+    pb.add_argument("--out", required=True, type=Path, help="folder: model/, blocks.json, blocks.md, blocks.png")
+    pb.add_argument("--val", type=Path, help="validation shards (default: DATA/train, keeping DATA/eval unseen)")
+    pb.add_argument("--val-samples", type=int, default=512, help="labelled validation images used")
+    pb.add_argument("--recover-steps", type=int, default=0, help="then distill the pruned model this many steps")
+    pb.set_defaults(fn=cmd_prune_blocks)
+
+    st = sub.add_parser("stages", help="multi-stage distillation / auto inheritance recipe (resumable)")
+    st.add_argument("recipe", help="recipe with stages: (e.g. multistage, auto_inherit)")
+    st.add_argument("--out", type=Path, help="multi-stage dir (default runs/<recipe name>)")
+    st.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.steps=20")
+    st.add_argument("--quiet", action="store_true", help="no progress bars")
+    st.set_defaults(fn=cmd_stages)
+
+
+def _add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
+    """bench, deploy and report: speed, deployment runtimes, and the accuracy x speed x size report."""
+    b = sub.add_parser("bench", help="params, FLOPs, images/s and captions/s, latency, memory, roofline")
+    b.add_argument("--model", action="append", required=True, help="model spec; repeat to compare several")
+    b.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    b.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64], help="latency and throughput batches")
+    b.add_argument("--out", type=Path, help="JSON with every number (machine peaks, per model and batch size)")
+    b.add_argument("--plot", action="store_true", help="also write roofline.png (next to --out)")
+    b.add_argument("--repeats", type=int, help="timed calls per measurement (default 20, 5 with --quick)")
+    b.add_argument("--quick", action="store_true", help="small machine probes and few repeats")
+    b.set_defaults(fn=cmd_bench)
+
+    dp = sub.add_parser("deploy", help="ONNX image/text encoders (+ int8), parity and speed against PyTorch")
+    dp.add_argument("--model", required=True, help="model spec")
+    dp.add_argument("--out", required=True, type=Path, help="output folder")
+    dp.add_argument("--int8", action="store_true", help="also write dynamically quantised int8 encoders")
+    dp.add_argument("--data", help="eval set to measure the accuracy of each variant on (e.g. .data/shapes)")
+    dp.add_argument("--repeats", type=int, default=50, help="timed batch-1 calls per variant")
+    dp.set_defaults(fn=cmd_deploy)
+
+    rp = sub.add_parser("report", help="accuracy x speed x size table and Pareto plot of teacher and students")
+    rp.add_argument("inputs", nargs="+", help="training run dirs, `clipslim eval`/CLIP_benchmark or bench JSONs")
+    rp.add_argument("--out", required=True, type=Path, help="output folder (report.md, report.json, pareto.png)")
+    rp.add_argument("--metric", default="acc1", choices=["acc1", "heldout_acc1"], help="accuracy axis")
+    rp.add_argument("--dataset", help="which dataset's accuracy (default: the one most inputs have)")
+    rp.add_argument("--html", action="store_true", help="also write report.html")
+    rp.add_argument("--no-measure", action="store_true", help="do not load models to measure missing images/s")
+    rp.add_argument("--device", default="cpu", help="where missing images/s are measured")
+    rp.set_defaults(fn=cmd_report)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from .distributed import gather_outputs
 from .objectives import Dims, Objective, Outputs, get_objective
 from .recipe import ObjectiveSpec
 
@@ -61,8 +62,11 @@ class Distiller(nn.Module):
     Every objective sees the same student outputs unless it implements :class:`HasStudentView`.
     """
 
-    def __init__(self, student: nn.Module, specs: list[ObjectiveSpec], teacher_dim: int | None = None) -> None:
+    def __init__(
+        self, student: nn.Module, specs: list[ObjectiveSpec], teacher_dim: int | None = None, local_loss: bool = False
+    ) -> None:
         super().__init__()
+        self.local_loss = local_loss
         self.student = student
         s_dims = Dims(embed_dim(student))
         t_dims = Dims(teacher_dim) if teacher_dim else None
@@ -74,11 +78,16 @@ class Distiller(nn.Module):
         return any(type(obj).needs_teacher for obj in self.objectives.values())
 
     def forward(self, batch: dict[str, Any], teacher: Outputs | None = None) -> dict[str, torch.Tensor]:
-        student = encode(self.student, batch["image"], batch["text"])
+        local = encode(self.student, batch["image"], batch["text"])
+        student = gather_outputs(local, self.local_loss)  # under torchrun: the global batch, with gradient
+        teacher = gather_outputs(teacher)
         out: dict[str, torch.Tensor] = {}
-        total = torch.zeros((), device=student.image.device)
+        total = torch.zeros((), device=local.image.device)
         for name, objective in self.objectives.items():
-            terms = _call(objective, self.student, student, teacher, batch)
+            view = student
+            if isinstance(objective, HasStudentView):
+                view = gather_outputs(objective.student_view(self.student, batch, local), self.local_loss)
+            terms = _call(objective, view, teacher, batch)
             total = total + self.weights[name] * terms[f"{name}_loss"]
             out.update(terms)
         out["loss"] = total
@@ -91,11 +100,7 @@ class Distiller(nn.Module):
         self.student.logit_scale.clamp_(0, math.log(max_scale))
 
 
-def _call(
-    objective: Objective, model: nn.Module, student: Outputs, teacher: Outputs | None, batch: dict[str, Any]
-) -> dict:
+def _call(objective: Objective, student: Outputs, teacher: Outputs | None, batch: dict[str, Any]) -> dict:
     if type(objective).needs_teacher and teacher is None:
         raise RuntimeError(f"objective '{objective.name}' needs teacher outputs but none were given")
-    if isinstance(objective, HasStudentView):
-        student = objective.student_view(model, batch, student)
     return objective(student, teacher, batch)

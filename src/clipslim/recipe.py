@@ -23,17 +23,37 @@ from .config import ConfigError, build, to_dict
 from .objectives import get_objective, parse_config
 from .objectives.base import ObjectiveConfig
 
+IMPORTANCE_METHODS = ("magnitude", "activation", "gradient")
+
 
 @dataclass
 class StudentSection:
     arch: str = ""
     """open_clip architecture of the student (e.g. shapes-student-50, ViT-S-32)."""
     init: str = "random"
-    """random | inherit (TinyCLIP manual rule from the teacher) | a model spec to start from."""
+    """random | inherit (TinyCLIP manual rule from the teacher) | importance:<magnitude|activation|gradient>
+    (importance-ranked heads/channels/layers) | a model spec to start from."""
+    inherit_from: str | None = None
+    """Model spec that inherit / importance:* copy from (default: the teacher); multi-stage runs set it to the
+    previous stage's student."""
+    calib_batches: int = 4
+    """Calibration batches from data.train for importance:activation / importance:gradient."""
 
     def validate(self, where: str) -> None:
         if not self.arch:
             raise ConfigError(f"{where}.arch: required (an open_clip architecture name)")
+        if self.calib_batches < 1:
+            raise ConfigError(f"{where}.calib_batches: must be >= 1, got {self.calib_batches}")
+        method = self.init.removeprefix("importance:")
+        if self.init.startswith("importance:") and method not in IMPORTANCE_METHODS:
+            raise ConfigError(
+                f"{where}.init: unknown importance method '{method}' (one of {', '.join(IMPORTANCE_METHODS)})"
+            )
+
+    @property
+    def inherits(self) -> bool:
+        """Whether init copies slices of another model (the teacher or ``inherit_from``)."""
+        return self.init == "inherit" or self.init.startswith("importance:")
 
 
 @dataclass
@@ -57,6 +77,7 @@ class DataSection:
 class TrainSection:
     steps: int = 100
     batch_size: int = 128
+    """Per process; under torchrun the global batch is batch_size × processes."""
     lr: float = 1e-3
     weight_decay: float = 0.1
     warmup: int = 50
@@ -72,6 +93,8 @@ class TrainSection:
     keep_checkpoints: int = 2
     eval_every: int = 0
     """Evaluate on data.eval every N steps (0: only at the end)."""
+    local_loss: bool = False
+    """Under torchrun: contrastive terms use local queries × global keys (same gradients, less memory)."""
 
     def validate(self, where: str) -> None:
         for name in ("steps", "batch_size", "log_every", "save_every", "keep_checkpoints"):
@@ -81,6 +104,65 @@ class TrainSection:
             raise ConfigError(f"{where}.lr: must be > 0, got {self.lr}")
         if self.warmup < 0 or self.eval_every < 0:
             raise ConfigError(f"{where}.warmup/eval_every: must be >= 0")
+
+
+@dataclass
+class L0Section:
+    """Auto inheritance (TinyCLIP learned inheritance): hard-concrete L0 masks over width, heads and FFN channels of
+    both towers, trained with a Lagrangian sparsity penalty, fused into a smaller dense model at the stage's end."""
+
+    target_sparsity: float = 0.5
+    """Fraction of the stage's starting non-embedding parameters to remove (both towers together)."""
+    start_sparsity: float = 0.0
+    ramp_steps: int = 100
+    """Steps over which the target rises linearly from start_sparsity to target_sparsity."""
+    lambda_init: float = 0.0
+    """Initial Lagrange multipliers lambda1, lambda2 (trained by gradient ascent)."""
+    init_log_alpha: float = 3.0
+    """Initial mask logits (3: keep probability ~0.99)."""
+    mask_lr_scale: float = 20.0
+    """Mask logits and multipliers move this many times faster than train.lr (TinyCLIP: mask lr 0.02)."""
+
+    def validate(self, where: str) -> None:
+        for name in ("target_sparsity", "start_sparsity"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{where}.{name}: must be in [0, 1), got {getattr(self, name)}")
+        if self.ramp_steps < 1 or self.mask_lr_scale <= 0:
+            raise ConfigError(f"{where}.ramp_steps/mask_lr_scale: must be >= 1 / > 0")
+
+
+STAGE_INITS = ("inherit", "continue")
+
+
+@dataclass
+class StageSection:
+    """One stage of a multi-stage recipe: a normal run whose student starts from the previous stage's student."""
+
+    name: str = ""
+    arch: str = ""
+    """Student architecture of this stage ('' with init: continue keeps the previous stage's)."""
+    model_cfg: dict[str, Any] | None = None
+    """Overrides merged into arch's open_clip config, e.g. {vision_cfg: {width: 128}} (registered per stage)."""
+    init: str = "inherit"
+    """inherit | importance:<method> (from the previous stage's student; the start model for the first stage) |
+    continue (the previous student as is, e.g. to prune it with l0)."""
+    steps: int = 0
+    """Training steps of this stage (0: train.steps)."""
+    l0: L0Section | None = None
+    """Train L0 masks in this stage and fuse them into a smaller dense student at its end."""
+
+    def validate(self, where: str) -> None:
+        if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(f"{where}.name: required, letters/digits/-/_ only, got {self.name!r}")
+        method = self.init.removeprefix("importance:")
+        if self.init not in STAGE_INITS and not (self.init.startswith("importance:") and method in IMPORTANCE_METHODS):
+            raise ConfigError(f"{where}.init: expected inherit, importance:<method> or continue, got {self.init!r}")
+        if self.init != "continue" and not self.arch:
+            raise ConfigError(f"{where}.arch: required when init is {self.init}")
+        if self.init == "continue" and (self.arch or self.model_cfg):
+            raise ConfigError(f"{where}.arch: init 'continue' keeps the previous architecture; drop arch/model_cfg")
+        if self.steps < 0:
+            raise ConfigError(f"{where}.steps: must be >= 0, got {self.steps}")
 
 
 @dataclass
@@ -101,6 +183,9 @@ class Recipe:
     objectives: dict[str, Any] = field(default_factory=dict)
     """name -> weight, or name -> {weight: w, <options>}. A weight of 0 turns the term off entirely."""
     train: TrainSection = field(default_factory=TrainSection)
+    stages: list[StageSection] = field(default_factory=list)
+    """Multi-stage recipe (run with `clipslim stages`): each stage is a run whose student starts from the previous
+    stage's student; the first stage starts from student.init (a model spec, e.g. the teacher)."""
 
     def objective_specs(self) -> list[ObjectiveSpec]:
         """Typed objectives with non-zero weight, in recipe order."""
@@ -127,8 +212,17 @@ class Recipe:
         needs = [s.name for s in specs if get_objective(s.name).needs_teacher]
         if needs and not self.teacher:
             raise ConfigError(f"teacher: required by objective(s) {', '.join(needs)}")
-        if self.student.init == "inherit" and not self.teacher:
-            raise ConfigError("student.init: 'inherit' needs a teacher")
+        if self.student.inherits and not (self.teacher or self.student.inherit_from):
+            raise ConfigError(f"student.init: '{self.student.init}' needs a teacher or student.inherit_from")
+        if self.stages:
+            self._validate_stages()
+
+    def _validate_stages(self) -> None:
+        if self.student.init in ("random", "inherit") or self.student.inherits:
+            raise ConfigError("student.init: a multi-stage recipe starts from a model spec (e.g. the teacher)")
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"stages: stage names must be unique, got {names}")
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

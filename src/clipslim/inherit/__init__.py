@@ -1,12 +1,45 @@
-"""Weight inheritance: initialise a small CLIP student from slices of a larger teacher."""
+"""Weight inheritance: initialise a small CLIP student from a larger teacher (or an earlier, larger student).
 
+- :func:`inherit_manual`: TinyCLIP's manual rule (interval layers, leading heads/channels).
+- :func:`inherit_importance`: the same shapes, keeping the most important layers, heads and channels.
+- :class:`~clipslim.inherit.l0.L0Sparsity` / :func:`fuse_l0`: auto inheritance with hard-concrete L0 masks.
+- :func:`prune_blocks`: remove whole residual blocks, least harmful first.
+- :func:`run_stages`: multi-stage progressive distillation (``clipslim stages``).
+"""
+
+from clipslim.inherit.blocks import prune_blocks
+from clipslim.inherit.importance import TowerScores, importance_scores, importance_selection, inherit_importance
+from clipslim.inherit.l0 import L0Sparsity, build_clip, fuse_l0
 from clipslim.inherit.manual import (
     InheritError,
     TowerGeometry,
+    TowerSelection,
     check_compatible,
     inherit_manual,
+    inherit_selected,
     interval_layers,
+    manual_selection,
     tower_geometry,
 )
+from clipslim.inherit.stages import run_stages
 
-__all__ = ["InheritError", "TowerGeometry", "check_compatible", "inherit_manual", "interval_layers", "tower_geometry"]
+__all__ = [
+    "InheritError",
+    "L0Sparsity",
+    "TowerGeometry",
+    "TowerScores",
+    "TowerSelection",
+    "build_clip",
+    "check_compatible",
+    "fuse_l0",
+    "importance_scores",
+    "importance_selection",
+    "inherit_importance",
+    "inherit_manual",
+    "inherit_selected",
+    "interval_layers",
+    "manual_selection",
+    "prune_blocks",
+    "run_stages",
+    "tower_geometry",
+]

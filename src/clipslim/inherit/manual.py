@@ -12,6 +12,10 @@ The rule (TinyCLIP ``weight_inherit.py``, strategy "interval_front"):
   cut to its leading slice ``[:s]`` in every dimension. Sizes that a slice cannot fix must match: patch size, the
   number of image tokens (no grid resizing), vocabulary size.
 
+The copy engine, :func:`inherit_selected`, takes arbitrary teacher index lists per dimension kind (layers, residual
+width, heads, FFN channels, embedding channels; :class:`TowerSelection`); the manual rule is the selection of the
+leading ones (:func:`manual_selection`). Importance ranking, L0 fusing and block removal reuse the same engine.
+
 Blocks are addressed by explicit index, never through state-dict key order (TinyCLIP selects layers by walking
 the ordered keys, which silently picks wrong layers if the keys are ever sorted; see the reference notes, §8.8).
 
@@ -24,14 +28,25 @@ Hugging Face towers, and attentional pooling, raise :class:`InheritError`.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 from open_clip.transformer import TextTransformer, VisionTransformer
 from torch import nn
 
-__all__ = ["InheritError", "TowerGeometry", "check_compatible", "inherit_manual", "interval_layers", "tower_geometry"]
+__all__ = [
+    "InheritError",
+    "TowerGeometry",
+    "TowerSelection",
+    "check_compatible",
+    "inherit_manual",
+    "inherit_selected",
+    "interval_layers",
+    "manual_selection",
+    "plain_parameters",
+    "tower_geometry",
+    "tower_pairs",
+]
 
 
 class InheritError(ValueError):
@@ -194,102 +209,127 @@ def check_compatible(teacher: nn.Module, student: nn.Module) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Slicing rules
-
-Rule = Callable[[torch.Tensor, torch.Size, int], torch.Tensor]  # (teacher tensor, student shape, head_dim)
+# Selections: which teacher index every student index takes
 
 
-def _leading(t: torch.Tensor, shape: torch.Size, head_dim: int) -> torch.Tensor:
-    """Leading slice ``[:s0, :s1, ...]`` of ``t`` to ``shape``."""
-    if t.dim() != len(shape) or any(s > n for s, n in zip(shape, t.shape, strict=True)):
+@dataclass(frozen=True)
+class TowerSelection:
+    """Teacher indices kept by one student tower, per dimension kind.
+
+    The manual rule keeps leading indices; importance ranking and L0 fusing keep arbitrary ones. Index lists are
+    kept in the order given (a student channel ``i`` is teacher channel ``width[i]``).
+    """
+
+    layers: list[int]  # teacher block of each student block
+    width: list[int]  # residual-stream channels (shared by every block of the tower)
+    heads: list[list[int]]  # per student block: teacher heads kept
+    mlp: list[list[int]]  # per student block: teacher FFN channels kept
+    embed: list[int]  # output (projection) channels; must be the same list for both towers
+
+
+def manual_selection(t: TowerGeometry, s: TowerGeometry) -> TowerSelection:
+    """TinyCLIP's rule as a selection: interval layers and the leading heads/channels."""
+    layers = interval_layers(t.layers, s.layers)
+    return TowerSelection(
+        layers=layers,
+        width=list(range(s.width)),
+        heads=[list(range(s.heads)) for _ in layers],
+        mlp=[list(range(s.mlp_width)) for _ in layers],
+        embed=list(range(s.embed_dim)),
+    )
+
+
+# Axis kinds: None = leading slice to the student size (sizes that must match, e.g. patch, vocabulary, head dim);
+# "head_ch" = the channels of the kept heads; "qkv" = those channels in each of the packed q, k, v.
+Axes = tuple[str | None, ...]
+
+_BLOCK_AXES: dict[str, Axes] = {
+    "attn.in_proj_weight": ("qkv", "width"),
+    "attn.in_proj_bias": ("qkv",),
+    "attn.out_proj.weight": ("width", "head_ch"),
+    "attn.out_proj.bias": ("width",),
+    "mlp.c_fc.weight": ("mlp", "width"),
+    "mlp.c_fc.bias": ("mlp",),
+    "mlp.c_proj.weight": ("width", "mlp"),
+    "mlp.c_proj.bias": ("width",),
+    **{f"{n}.{p}": ("width",) for n in ("ln_1", "ln_2", "ln_attn") for p in ("weight", "bias")},
+    "ls_1.gamma": ("width",),
+    "ls_2.gamma": ("width",),
+    # CustomResidualAttentionBlock extras (NormFormer-style)
+    **{f"attn.{n}.{p}": (None,) for n in ("ln_q", "ln_k") for p in ("weight", "bias")},  # head dim: equal
+    "attn.logit_scale": ("heads", None, None),
+    "attn.head_scale": ("heads", None, None),
+    "attn.ln_inner.weight": ("head_ch",),
+    "attn.ln_inner.bias": ("head_ch",),
+    "mlp.ln.weight": ("mlp",),
+    "mlp.ln.bias": ("mlp",),
+}
+
+_VISUAL_AXES: dict[str, Axes] = {
+    "conv1.weight": ("width", None, None, None),
+    "class_embedding": ("width",),
+    "positional_embedding": (None, "width"),
+    **{f"{n}.{p}": ("width",) for n in ("ln_pre", "ln_post") for p in ("weight", "bias")},
+    "proj": ("width", "embed"),
+}
+
+_TEXT_AXES: dict[str, Axes] = {
+    "token_embedding.weight": (None, "width"),
+    "positional_embedding": (None, "width"),
+    "cls_emb": ("width",),
+    "ln_final.weight": ("width",),
+    "ln_final.bias": ("width",),
+    "text_projection": ("width", "embed"),
+    "text_projection.weight": ("embed", "width"),
+    "text_projection.bias": ("embed",),
+}
+
+
+def _head_channels(heads: list[int], head_dim: int) -> list[int]:
+    return [h * head_dim + j for h in heads for j in range(head_dim)]
+
+
+def _axis_index(axis: str | None, sel: TowerSelection, block: int | None, t_size: int, s_size: int, head_dim: int):
+    """Teacher indices for one axis of one tensor."""
+    if axis is None:
+        return list(range(s_size))
+    if axis in ("width", "embed"):
+        return getattr(sel, axis)
+    assert block is not None, axis  # per-block kinds only appear in block tensors
+    heads, mlp = sel.heads[block], sel.mlp[block]
+    if axis == "mlp":
+        return mlp
+    if axis == "heads":
+        return heads
+    channels = _head_channels(heads, head_dim)
+    if axis == "head_ch":
+        return channels
+    width_t = t_size // 3  # "qkv": the same head channels in each of q, k, v
+    return [part * width_t + c for part in range(3) for c in channels]
+
+
+def _take(t: torch.Tensor, axes: Axes, shape: torch.Size, sel: TowerSelection, block: int | None, head_dim: int):
+    """``t`` indexed by the selection along every axis; must land exactly on the student ``shape``."""
+    if t.dim() != len(shape) or len(axes) != t.dim():
         raise InheritError(f"cannot cut teacher shape {tuple(t.shape)} to student shape {tuple(shape)}")
-    return t[tuple(slice(0, s) for s in shape)]
+    out = t
+    for dim, axis in enumerate(axes):
+        index = _axis_index(axis, sel, block, t.shape[dim], shape[dim], head_dim)
+        if len(index) != shape[dim] or (index and not 0 <= min(index) <= max(index) < t.shape[dim]):
+            raise InheritError(
+                f"cannot cut teacher shape {tuple(t.shape)} to student shape {tuple(shape)} "
+                f"(axis {dim} '{axis or 'leading'}': {len(index)} indices)"
+            )
+        out = out.index_select(dim, torch.as_tensor(index, dtype=torch.long, device=t.device))
+    return out
 
 
-def _qkv(t: torch.Tensor, shape: torch.Size, head_dim: int) -> torch.Tensor:
-    """Packed q/k/v projection: keep the leading heads of each of q, k, v (and the leading input channels)."""
-    width_t, width_s = t.shape[0] // 3, shape[0] // 3
-    heads_t, heads_s = width_t // head_dim, width_s // head_dim
-    if heads_s * head_dim != width_s or heads_t * head_dim != width_t or heads_s > heads_t:
-        raise InheritError(f"cannot cut packed qkv {tuple(t.shape)} to {tuple(shape)} with head_dim {head_dim}")
-    per_head = t.reshape(3, heads_t, head_dim, *t.shape[1:])[:, :heads_s]
-    if t.dim() == 2:  # weight (3*w, w): also keep the leading input channels
-        if shape[1] > t.shape[1]:
-            raise InheritError(f"cannot cut packed qkv {tuple(t.shape)} to {tuple(shape)}")
-        per_head = per_head[..., : shape[1]]
-    return per_head.reshape(shape)
-
-
-def _scalar(t: torch.Tensor, shape: torch.Size, head_dim: int) -> torch.Tensor:
+def _scalar(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """logit_scale / logit_bias: one value, whatever the scalar/nonscalar layout."""
     if t.numel() != 1:
         raise InheritError(f"expected a one-element tensor, teacher has shape {tuple(t.shape)}")
     return t.reshape(shape)
 
-
-# Block-relative parameter names. Everything not listed is left without a rule and reported as missed.
-_BLOCK_RULES: dict[str, Rule] = {
-    "attn.in_proj_weight": _qkv,
-    "attn.in_proj_bias": _qkv,
-    **{
-        name: _leading
-        for name in (
-            "ln_1.weight",
-            "ln_1.bias",
-            "ln_2.weight",
-            "ln_2.bias",
-            "attn.out_proj.weight",
-            "attn.out_proj.bias",
-            "mlp.c_fc.weight",
-            "mlp.c_fc.bias",
-            "mlp.c_proj.weight",
-            "mlp.c_proj.bias",
-            "ls_1.gamma",
-            "ls_2.gamma",
-            # CustomResidualAttentionBlock extras (NormFormer-style); per-head tensors keep the leading heads
-            "attn.ln_q.weight",
-            "attn.ln_q.bias",
-            "attn.ln_k.weight",
-            "attn.ln_k.bias",
-            "attn.logit_scale",
-            "attn.head_scale",
-            "attn.ln_inner.weight",
-            "attn.ln_inner.bias",
-            "ln_attn.weight",
-            "ln_attn.bias",
-            "mlp.ln.weight",
-            "mlp.ln.bias",
-        )
-    },
-}
-
-_VISUAL_RULES: dict[str, Rule] = {
-    name: _leading
-    for name in (
-        "conv1.weight",
-        "class_embedding",
-        "positional_embedding",
-        "ln_pre.weight",
-        "ln_pre.bias",
-        "ln_post.weight",
-        "ln_post.bias",
-        "proj",
-    )
-}
-
-_TEXT_RULES: dict[str, Rule] = {
-    name: _leading
-    for name in (
-        "token_embedding.weight",
-        "positional_embedding",
-        "cls_emb",
-        "ln_final.weight",
-        "ln_final.bias",
-        "text_projection",
-        "text_projection.weight",
-        "text_projection.bias",
-    )
-}
 
 _BLOCK_RE = re.compile(r"transformer\.resblocks\.(\d+)\.(.+)")
 
@@ -298,15 +338,22 @@ _BLOCK_RE = re.compile(r"transformer\.resblocks\.(\d+)\.(.+)")
 class _Copy:
     student_name: str
     teacher_name: str
-    rule: Rule
-    head_dim: int
+    axes: Axes | None  # None: a one-element scalar (logit scale / bias)
+    sel: TowerSelection | None = None
+    block: int | None = None
+    head_dim: int = 0
+
+    def value(self, t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        if self.axes is None or self.sel is None:
+            return _scalar(t, shape)
+        return _take(t, self.axes, shape, self.sel, self.block, self.head_dim)
 
 
 def _plan_tower(
-    t_tower: _Tower, s_tower: _Tower, s_names: list[str], layers: list[int], head_dim: int
+    t_tower: _Tower, s_tower: _Tower, s_names: list[str], sel: TowerSelection, head_dim: int
 ) -> tuple[list[_Copy], set[str]]:
     """Map the student tower's parameters to teacher parameters; returns (plan, claimed student names)."""
-    rules = _VISUAL_RULES if s_tower.kind == "visual" else _TEXT_RULES
+    rules = _VISUAL_AXES if s_tower.kind == "visual" else _TEXT_AXES
     plan: list[_Copy] = []
     claimed: set[str] = set()
     for name in s_names:
@@ -316,16 +363,21 @@ def _plan_tower(
         block = _BLOCK_RE.fullmatch(local)
         if block is not None:
             index, rest = int(block.group(1)), block.group(2)
-            if rest not in _BLOCK_RULES:
+            if rest not in _BLOCK_AXES:
                 continue  # no rule: reported as missed
-            teacher_local = f"transformer.resblocks.{layers[index]}.{rest}"
-            plan.append(_Copy(name, t_tower.prefix + teacher_local, _BLOCK_RULES[rest], head_dim))
+            teacher_local = f"transformer.resblocks.{sel.layers[index]}.{rest}"
+            plan.append(_Copy(name, t_tower.prefix + teacher_local, _BLOCK_AXES[rest], sel, index, head_dim))
         elif local in rules:
-            plan.append(_Copy(name, t_tower.prefix + local, rules[local], head_dim))
+            plan.append(_Copy(name, t_tower.prefix + local, rules[local], sel, None, head_dim))
         else:
             continue
         claimed.add(name)
     return plan, claimed
+
+
+def tower_pairs(teacher: nn.Module, student: nn.Module) -> list[tuple[_Tower, _Tower]]:
+    """(teacher tower, student tower) for the visual and the text tower, in that order."""
+    return [(get(teacher), get(student)) for get in (_vision_tower, _text_tower)]
 
 
 def inherit_manual(teacher: nn.Module, student: nn.Module, *, copy_logit_scale: bool = True) -> dict:
@@ -345,32 +397,46 @@ def inherit_manual(teacher: nn.Module, student: nn.Module, *, copy_logit_scale: 
     initial value), ``visual`` / ``text`` (``{"teacher": geometry, "student": geometry}``).
     """
     check_compatible(teacher, student)
-    t_params = dict(teacher.named_parameters())
+    selections = {
+        t.kind: manual_selection(tower_geometry(t), tower_geometry(s)) for t, s in tower_pairs(teacher, student)
+    }
+    return inherit_selected(teacher, student, selections, copy_logit_scale=copy_logit_scale)
+
+
+def inherit_selected(
+    teacher: nn.Module,
+    student: nn.Module,
+    selections: dict[str, TowerSelection],
+    *,
+    copy_logit_scale: bool = True,
+) -> dict:
+    """Copy the teacher indices named by ``selections`` (``{"visual": ..., "text": ...}``) into ``student``.
+
+    The engine behind :func:`inherit_manual` (leading indices), importance-ranked inheritance, L0 fusing and block
+    removal; same guarantees and report (see :func:`inherit_manual`). Shape mismatches raise :class:`InheritError`
+    before anything is written. Does not run :func:`check_compatible` (callers that pick indices check it).
+    """
+    if selections["visual"].embed != selections["text"].embed:
+        raise InheritError("visual and text towers must keep the same embedding channels (shared space)")
+    t_params = plain_parameters(teacher)
     s_params = dict(student.named_parameters())
     s_names = list(s_params)
 
     plan: list[_Copy] = []
     claimed: set[str] = set()
     report: dict = {}
-    for get in (_vision_tower, _text_tower):
-        t_tower, s_tower = get(teacher), get(student)
+    for t_tower, s_tower in tower_pairs(teacher, student):
         t_geo, s_geo = tower_geometry(t_tower), tower_geometry(s_tower)
-        layers = interval_layers(t_geo.layers, s_geo.layers)
-        report[f"{s_tower.kind}_layers"] = layers
+        sel = selections[s_tower.kind]
+        if len(sel.layers) != s_geo.layers:
+            raise InheritError(f"{s_tower.kind}.layers: selection has {len(sel.layers)}, student {s_geo.layers}")
+        report[f"{s_tower.kind}_layers"] = list(sel.layers)
         report[s_tower.kind] = {"teacher": asdict(t_geo), "student": asdict(s_geo)}
-        tower_plan, tower_claimed = _plan_tower(t_tower, s_tower, s_names, layers, s_geo.head_dim)
+        tower_plan, tower_claimed = _plan_tower(t_tower, s_tower, s_names, sel, s_geo.head_dim)
         plan += tower_plan
         claimed |= tower_claimed
 
-    kept_init: list[str] = []
-    for name in ("logit_scale", "logit_bias"):
-        if name not in s_params:
-            continue
-        claimed.add(name)
-        if (name == "logit_scale" and not copy_logit_scale) or name not in t_params:
-            kept_init.append(name)
-        else:
-            plan.append(_Copy(name, name, _scalar, 0))
+    kept_init = _plan_scalars(plan, claimed, t_params, s_params, copy_logit_scale)
 
     # Every student parameter (state-dict entries that are not buffers) must have been planned or deliberately kept.
     buffers = {n for n, _ in student.named_buffers()}
@@ -379,18 +445,7 @@ def inherit_manual(teacher: nn.Module, student: nn.Module, *, copy_logit_scale: 
     if missed:
         raise InheritError(f"no inheritance rule for student parameters: {', '.join(missed)}")
 
-    # Resolve every slice before writing anything, so a failure leaves the student untouched.
-    resolved: list[tuple[nn.Parameter, torch.Tensor]] = []
-    for c in plan:
-        if c.teacher_name not in t_params:
-            raise InheritError(f"teacher has no parameter {c.teacher_name} for student {c.student_name}")
-        target = s_params[c.student_name]
-        try:
-            value = c.rule(t_params[c.teacher_name].detach(), target.shape, c.head_dim)
-        except InheritError as err:
-            raise InheritError(f"{c.student_name} <- {c.teacher_name}: {err}") from None
-        resolved.append((target, value))
-
+    resolved = _resolve(plan, t_params, s_params)
     with torch.no_grad():
         for target, value in resolved:
             target.copy_(value.to(device=target.device, dtype=target.dtype))
@@ -401,3 +456,50 @@ def inherit_manual(teacher: nn.Module, student: nn.Module, *, copy_logit_scale: 
     report["logit_scale_copied"] = "logit_scale" in s_params and "logit_scale" not in kept_init
     report["kept_init"] = kept_init
     return report
+
+
+_PARAMETRIZED = re.compile(r"(.*?)parametrizations\.([^.]+)\.original")
+
+
+def plain_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``named_parameters`` with torch parametrizations read through their original (unparametrized) tensor.
+
+    A model gated by L0 masks (``inherit/l0.py``) parametrizes ``attn.out_proj.weight``; fusing copies the raw
+    weight and applies the mask itself.
+    """
+    out = {}
+    for name, p in model.named_parameters():
+        match = _PARAMETRIZED.fullmatch(name)
+        out[match.group(1) + match.group(2) if match else name] = p
+    return out
+
+
+def _plan_scalars(
+    plan: list[_Copy], claimed: set[str], t_params: dict, s_params: dict, copy_logit_scale: bool
+) -> list[str]:
+    """Plan logit_scale / logit_bias copies; returns the names deliberately left at their initial value."""
+    kept_init: list[str] = []
+    for name in ("logit_scale", "logit_bias"):
+        if name not in s_params:
+            continue
+        claimed.add(name)
+        if (name == "logit_scale" and not copy_logit_scale) or name not in t_params:
+            kept_init.append(name)
+        else:
+            plan.append(_Copy(name, name, None))
+    return kept_init
+
+
+def _resolve(plan: list[_Copy], t_params: dict, s_params: dict) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """Every slice computed before anything is written, so a failure leaves the student untouched."""
+    resolved: list[tuple[nn.Parameter, torch.Tensor]] = []
+    for c in plan:
+        if c.teacher_name not in t_params:
+            raise InheritError(f"teacher has no parameter {c.teacher_name} for student {c.student_name}")
+        target = s_params[c.student_name]
+        try:
+            value = c.value(t_params[c.teacher_name].detach(), target.shape)
+        except InheritError as err:
+            raise InheritError(f"{c.student_name} <- {c.teacher_name}: {err}") from None
+        resolved.append((target, value))
+    return resolved

@@ -79,7 +79,7 @@ class AffinityObjective(Objective):
             return self.cfg.teacher_scales[k]
         return teacher.logit_scale if self.cfg.teacher_scale is None else self.cfg.teacher_scale
 
-    def targets(self, teacher: Outputs) -> tuple[torch.Tensor, torch.Tensor]:
+    def targets(self, teacher: Outputs, rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher image→text and text→image probabilities, averaged over teachers after the softmax."""
         image, text = teacher.image.float(), teacher.text.float()
         slices = self.cfg.teacher_slices or [image.shape[-1]]
@@ -87,14 +87,14 @@ class AffinityObjective(Objective):
         for k, (img, txt) in enumerate(zip(image.split(slices, -1), text.split(slices, -1), strict=True)):
             if self.cfg.teacher_slices is not None:  # each teacher's slice is its own unit-norm embedding
                 img, txt = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
-            i2t, t2i = contrastive_logits(img, txt, self._scale(k, teacher))
+            i2t, t2i = contrastive_logits(img, txt, self._scale(k, teacher), rows)
             p_i2t = p_i2t + i2t.softmax(dim=1) / len(slices)
             p_t2i = p_t2i + t2i.softmax(dim=1) / len(slices)
         return p_i2t, p_t2i
 
     def forward(self, student: Outputs, teacher: Outputs | None, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         assert teacher is not None, "affinity needs teacher outputs"
-        p_i2t, p_t2i = self.targets(teacher)
-        s_i2t, s_t2i = contrastive_logits(student.image, student.text, student.logit_scale)
+        p_i2t, p_t2i = self.targets(teacher, student.rows)
+        s_i2t, s_t2i = contrastive_logits(student.image, student.text, student.logit_scale, student.rows)
         loss = 0.5 * (soft_cross_entropy_probs(p_i2t, s_i2t) + soft_cross_entropy_probs(p_t2i, s_t2i))
         return {"affinity_loss": loss}

@@ -24,6 +24,8 @@ class Outputs:
     text: torch.Tensor
     logit_scale: torch.Tensor
     logit_bias: torch.Tensor | None = None
+    rows: slice | None = None
+    """Local-loss mode under torchrun: the rows of the gathered batch that are this rank's queries (None: all)."""
 
 
 @dataclass(frozen=True)

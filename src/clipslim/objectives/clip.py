@@ -10,16 +10,25 @@ import torch.nn.functional as F
 from .base import Objective, Outputs, register
 
 
-def contrastive_logits(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Image→text and text→image logits; rows are queries."""
-    logits_per_image = scale * image @ text.T
-    return logits_per_image, logits_per_image.T
+def contrastive_logits(
+    image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor | float, rows: slice | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image→text and text→image logits; rows are queries (only ``rows`` of them in local-loss mode)."""
+    if rows is None:
+        logits_per_image = scale * image @ text.T
+        return logits_per_image, logits_per_image.T
+    return scale * image[rows] @ text.T, scale * text[rows] @ image.T
 
 
-def info_nce(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def diagonal_labels(n: int, rows: slice | None, device: torch.device) -> torch.Tensor:
+    """Index of each query's positive: the diagonal of the (global) batch."""
+    return torch.arange(n, device=device) if rows is None else torch.arange(rows.start, rows.stop, device=device)
+
+
+def info_nce(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
     """½[CE(τ I Tᵀ, y) + CE(τ T Iᵀ, y)] with y the diagonal."""
-    per_image, per_text = contrastive_logits(image, text, scale)
-    labels = torch.arange(image.shape[0], device=image.device)
+    per_image, per_text = contrastive_logits(image, text, scale, rows)
+    labels = diagonal_labels(image.shape[0], rows, image.device)
     return 0.5 * (F.cross_entropy(per_image, labels) + F.cross_entropy(per_text, labels))
 
 
@@ -30,4 +39,4 @@ class ClipObjective(Objective):
     name = "clip"
 
     def forward(self, student: Outputs, teacher: Outputs | None, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        return {"clip_loss": info_nce(student.image, student.text, student.logit_scale)}
+        return {"clip_loss": info_nce(student.image, student.text, student.logit_scale, student.rows)}

@@ -43,7 +43,7 @@ class FusionObjective(Objective):
         image = _fuse(self.image_fuse, student.image, teacher.image)
         text = _fuse(self.text_fuse, student.text, teacher.text)
         scale = self.scale()
-        return {"fusion_loss": info_nce(image, text, scale), "fusion_scale": scale.detach()}
+        return {"fusion_loss": info_nce(image, text, scale, student.rows), "fusion_scale": scale.detach()}
 
 
 def _fuse(layer: nn.Linear, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

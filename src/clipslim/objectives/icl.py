@@ -20,6 +20,7 @@ from torch import nn
 
 from ..config import ConfigError
 from .base import Dims, Objective, ObjectiveConfig, Outputs, register
+from .clip import diagonal_labels
 from .feature import project, projector
 
 
@@ -63,11 +64,15 @@ class IclObjective(Objective):
         assert teacher is not None, "icl needs teacher outputs"
         scale = self.scale()
         image, text = project(self.image_proj, student.image), project(self.text_proj, student.text)
-        loss = 0.5 * (_anchor_ce(image, teacher.text.float(), scale) + _anchor_ce(text, teacher.image.float(), scale))
+        rows = student.rows
+        loss = 0.5 * (
+            _anchor_ce(image, teacher.text.float(), scale, rows) + _anchor_ce(text, teacher.image.float(), scale, rows)
+        )
         return {"icl_loss": loss, "icl_scale": scale.detach()}
 
 
-def _anchor_ce(anchors: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """CE(τ · anchors keysᵀ, y) with y the diagonal."""
-    labels = torch.arange(anchors.shape[0], device=anchors.device)
-    return F.cross_entropy(scale * anchors @ keys.T, labels)
+def _anchor_ce(anchors: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, rows: slice | None) -> torch.Tensor:
+    """CE(τ · anchors keysᵀ, y) with y the diagonal (local anchors against global keys in local-loss mode)."""
+    labels = diagonal_labels(anchors.shape[0], rows, anchors.device)
+    queries = anchors if rows is None else anchors[rows]
+    return F.cross_entropy(scale * queries @ keys.T, labels)

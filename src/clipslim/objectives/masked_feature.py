@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
+from ..distributed import current_env
 from .base import Outputs, register
 from .feature import FeatureConfig, FeatureObjective
 
@@ -35,16 +36,33 @@ class MaskedFeatureConfig(FeatureConfig):
             raise ConfigError(f"{where}.keep_ratio: must be in (0, 1], got {self.keep_ratio}")
 
 
+def mask_seed(call: int) -> int:
+    """Seed of the ``call``-th masked forward: from the process seed, so every rank draws the same global noise."""
+    return (torch.initial_seed() + 7919 * call) % 2**63
+
+
 def kept_patches(num_patches: int, keep_ratio: float) -> int:
     return max(1, round(keep_ratio * num_patches))
 
 
 class KeepPatches(nn.Module):
-    """Keeps the CLS token and a uniformly random ``keep_ratio`` subset of patch tokens per sample."""
+    """Keeps the CLS token and a uniformly random ``keep_ratio`` subset of patch tokens per sample.
 
-    def __init__(self, keep_ratio: float) -> None:
+    With a ``seed`` the noise is drawn for the whole global batch and each rank takes its own rows, so a torchrun
+    job masks exactly as one process on the same global batch would.
+    """
+
+    def __init__(self, keep_ratio: float, seed: int | None = None) -> None:
         super().__init__()
-        self.keep_ratio = keep_ratio
+        self.keep_ratio, self.seed = keep_ratio, seed
+
+    def _noise(self, batch: int, n: int, device: torch.device) -> torch.Tensor:
+        if self.seed is None:
+            return torch.rand(batch, n, device=device)
+        env = current_env()
+        g = torch.Generator().manual_seed(self.seed)
+        noise = torch.rand(batch * env.world_size, n, generator=g)
+        return noise[env.rank * batch : (env.rank + 1) * batch].to(device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cls, patches = x[:, :1], x[:, 1:]
@@ -52,7 +70,7 @@ class KeepPatches(nn.Module):
         keep = kept_patches(n, self.keep_ratio)
         if keep == n:
             return x
-        idx = torch.rand(batch, n, device=x.device).topk(keep, dim=1).indices
+        idx = self._noise(batch, n, x.device).topk(keep, dim=1).indices
         return torch.cat([cls, patches.gather(1, idx.unsqueeze(-1).expand(-1, -1, width))], dim=1)
 
 
@@ -61,6 +79,7 @@ class MaskedFeatureObjective(FeatureObjective):
     name = "masked_feature"
     Config = MaskedFeatureConfig
     cfg: MaskedFeatureConfig
+    _calls = 0  # masked forwards so far; seeds the mask noise identically on every rank
 
     def student_view(self, model: nn.Module, batch: dict[str, Any], student: Outputs) -> Outputs:
         """The student's outputs with the image embedding replaced by a masked forward (text is reused as is)."""
@@ -70,7 +89,10 @@ class MaskedFeatureObjective(FeatureObjective):
         if not isinstance(getattr(visual, "patch_dropout", None), nn.Module):
             raise TypeError(f"{self.name} needs an open_clip VisionTransformer student (with .patch_dropout)")
         saved = visual.patch_dropout
-        visual.patch_dropout = KeepPatches(self.cfg.keep_ratio)
+        self._calls += 1  # same count on every rank: one masked forward per step
+        visual.patch_dropout = KeepPatches(
+            self.cfg.keep_ratio, seed=(torch.initial_seed() + 7919 * self._calls) % 2**63
+        )
         try:
             image = model.encode_image(batch["image"], normalize=True)
         finally:

@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import ConfigError
+from ..distributed import DistEnv, broadcast_flag, cleanup, env_from_torchrun, init_distributed, wrap_ddp
 from ..io import atomic_write_json, atomic_write_text
 from ..recipe import Recipe, TrainSection, recipe_to_yaml
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -61,8 +62,8 @@ def lr_at(step: int, cfg: TrainSection) -> float:
 class BatchStream:
     """Endless batches over epochs, with a position (epoch, batch index) that a checkpoint can restore."""
 
-    def __init__(self, built: Built, recipe: Recipe, device: torch.device) -> None:
-        self.recipe, self.device, self.built = recipe, device, built
+    def __init__(self, built: Built, recipe: Recipe, device: torch.device, env: DistEnv) -> None:
+        self.recipe, self.device, self.built, self.env = recipe, device, built, env
         self.epoch, self.pos = 0, 0
         self.skipped: dict[str, int] = {}
         self._it: Iterator[dict[str, Any]] | None = None
@@ -76,6 +77,7 @@ class BatchStream:
             make_loader(
                 d.train, preprocess, b.tokenizer, self.recipe.train.batch_size, train=True,
                 seed=self.recipe.train.seed, epoch=self.epoch, num_workers=d.num_workers,
+                rank=self.env.rank, world_size=self.env.world_size,
             )
         )  # fmt: skip
 
@@ -157,27 +159,35 @@ class Trainer:
         if latest is not None and not resume:
             raise ConfigError(f"run dir {self.run_dir} already has checkpoints: pass --resume, or pick another --out")
         self.resume_from = latest if resume else None
-        self.device = pick_device(self.cfg.device)
+        self.env = env_from_torchrun()
+        self.device = init_distributed(self.env, pick_device(self.cfg.device))
         seed_everything(self.cfg.seed)
         self.built = build(recipe, self.device)
         self.model = self.built.distiller
+        self.forward = wrap_ddp(self.model, self.device)  # DDP also syncs every objective's extras
         self.teacher = online_teacher(self.built)
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, self.cfg.weight_decay), lr=self.cfg.lr, betas=self.cfg.betas, eps=self.cfg.eps
         )
         self.precision = make_precision(self.cfg.precision, self.device)
-        self.stream = BatchStream(self.built, recipe, self.device)
+        self.stream = BatchStream(self.built, recipe, self.device, self.env)
         self.metrics = CsvLog(self.run_dir / "metrics.csv")
         self.evals = CsvLog(self.run_dir / "evals.csv")
         self.step = 0
 
     def _prepare_run_dir(self) -> None:
+        if self.env.is_main:
+            self._write_run_files()
+        if self.resume_from is not None:
+            self._resume()
+
+    def _write_run_files(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.run_dir / "recipe.yaml", recipe_to_yaml(self.recipe))
         if self.built.inherit_report is not None:
             atomic_write_json(self.run_dir / "inherit.json", self.built.inherit_report)
-        if self.resume_from is None:
-            return
+
+    def _resume(self) -> None:
         state = load_checkpoint(self.resume_from, self.model, self.optimizer)
         self.step = state["step"]
         self.stream.restore(state["epoch"], state["pos"], state.get("skipped", {}))
@@ -192,7 +202,7 @@ class Trainer:
         self.model.train()
         with self.precision.autocast():
             teacher_out = self.teacher(batch) if self.teacher is not None else None
-            out = self.model(batch, teacher_out)
+            out = self.forward(batch, teacher_out)
         loss = out["loss"]
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at step {self.step}: {_terms(out)}")
@@ -213,11 +223,13 @@ class Trainer:
         return out
 
     def save(self) -> None:
+        if not self.env.is_main:  # every rank holds the same weights; one writes them
+            return
         state = {"epoch": self.stream.epoch, "pos": self.stream.pos, "skipped": self.stream.skipped}
         save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer, state, self.cfg.keep_checkpoints)
 
     def evaluate(self) -> dict[str, Any] | None:
-        if not self.recipe.data.eval:
+        if not self.recipe.data.eval or not self.env.is_main:
             return None
         from ..eval.run import evaluate_shapes
 
@@ -229,23 +241,30 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         """Train to ``train.steps`` (or until a stop signal), then export and evaluate the student."""
         self._prepare_run_dir()
-        with _StopFlag() as stop:
-            self._loop(stop)
-            if stop.requested:
-                self.save()
-                return {"stopped_at": self.step}
-        return self.finish()
+        try:
+            with _StopFlag() as stop:
+                self._loop(stop)
+                if stop.requested:
+                    self.save()
+                    return {"stopped_at": self.step}
+            return self.finish()
+        finally:
+            cleanup()
 
     def _loop(self, stop: _StopFlag) -> None:
-        bar = tqdm(total=self.cfg.steps, initial=self.step, disable=not self.progress, desc=self.recipe.name)
+        show = self.progress and self.env.is_main
+        bar = tqdm(total=self.cfg.steps, initial=self.step, disable=not show, desc=self.recipe.name)
         tick, pairs = time.perf_counter(), 0
         if self.cfg.eval_every and self.step == 0:
             self.evaluate()  # the starting point: what inheritance alone gives
-        while self.step < self.cfg.steps and not stop.requested:
+        while self.step < self.cfg.steps:
+            if broadcast_flag(stop.requested):  # a signal to any rank stops all of them at the same step
+                stop.requested = True
+                break
             out = self.train_step(self.stream.next())
             self.step += 1
-            pairs += self.cfg.batch_size
-            if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
+            pairs += self.cfg.batch_size * self.env.world_size
+            if self.env.is_main and (self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps):
                 rate = pairs / max(time.perf_counter() - tick, 1e-9)
                 tick, pairs = time.perf_counter(), 0
                 row = {"step": self.step, "epoch": self.stream.epoch, "pairs_per_s": round(rate, 1), **_terms(out)}
@@ -259,10 +278,15 @@ class Trainer:
         bar.close()
 
     def finish(self) -> dict[str, Any]:
+        self.save()
+        if not self.env.is_main:
+            return {"rank": self.env.rank, "steps": self.step}
+        return self._export_and_report()
+
+    def _export_and_report(self) -> dict[str, Any]:
         from ..export import export_open_clip
         from ..models import count_params
 
-        self.save()
         b = self.built.student
         export_open_clip(
             b.model, b.model_cfg, self.run_dir / "student", preprocess_cfg=b.preprocess_cfg, arch=b.arch,

@@ -46,34 +46,55 @@ def _check_pairing(teacher: ClipBundle, student: ClipBundle) -> None:
 
 def build_student(recipe: Recipe, teacher: ClipBundle | None) -> tuple[ClipBundle, dict | None]:
     init = recipe.student.init
-    if init in ("random", "inherit"):
+    if init == "random" or recipe.student.inherits:
         student = load_model(recipe.student.arch)
     else:
         student = load_model(init)
         if student.arch != recipe.student.arch:
             log.warning("student.init %s has arch %s, not %s", init, student.arch, recipe.student.arch)
     report = None
-    if init == "inherit":
-        from ..inherit import check_compatible, inherit_manual
-
-        assert teacher is not None
-        try:
-            check_compatible(teacher.model, student.model)
-        except ValueError as err:
-            raise ConfigError(f"student.init: cannot inherit from the teacher: {err}") from err
-        report = inherit_manual(teacher.model, student.model)
+    if recipe.student.inherits:
+        source = load_model(recipe.student.inherit_from) if recipe.student.inherit_from else teacher
+        assert source is not None
+        report = _inherit(recipe, source, student)
     return student, report
+
+
+def _inherit(recipe: Recipe, source: ClipBundle, student: ClipBundle) -> dict:
+    """inherit (manual rule) or importance:<method>, with calibration batches from data.train when needed."""
+    from ..inherit import check_compatible, inherit_importance, inherit_manual
+    from ..inherit.importance import calibration_batches
+
+    name = "the teacher" if not recipe.student.inherit_from else recipe.student.inherit_from
+    try:
+        check_compatible(source.model, student.model)
+    except ValueError as err:
+        raise ConfigError(f"student.init: cannot inherit from {name}: {err}") from err
+    if recipe.student.init == "inherit":
+        return inherit_manual(source.model, student.model)
+    method = recipe.student.init.removeprefix("importance:")
+    batches = None
+    if method != "magnitude":
+        bs = min(recipe.train.batch_size, 64)
+        batches = calibration_batches(recipe.data.train, source, recipe.student.calib_batches, bs)
+    return inherit_importance(source.model, student.model, method=method, calib_batches=batches)
 
 
 def build(recipe: Recipe, device: torch.device) -> Built:
     """Load teacher and student, inherit if asked, and wrap the student with its objectives."""
+    if recipe.stages:
+        raise ConfigError("stages: a multi-stage recipe runs with `clipslim stages` (clipslim.inherit.run_stages)")
     teacher = load_model(recipe.teacher) if recipe.teacher else None
     student, report = build_student(recipe, teacher)
     if teacher is not None:
         _check_pairing(teacher, student)
         teacher.model.to(device).eval().requires_grad_(False)
     t_dim = embed_dim(teacher.model) if teacher else None
-    distiller = Distiller(student.model, recipe.objective_specs(), t_dim).to(device)
+    distiller = Distiller(student.model, recipe.objective_specs(), t_dim, recipe.train.local_loss)
+    for objective in distiller.objectives.values():
+        if hasattr(objective, "attach"):  # e.g. l0_sparsity: masks that gate the student's own forward
+            objective.attach(student.model)
+    distiller = distiller.to(device)
     if teacher is not None and not distiller.needs_teacher and recipe.student.init != "inherit":
         log.info("teacher is not used by any objective; it will not run during training")
     return Built(distiller, student, teacher, report)

@@ -1,0 +1,424 @@
+"""Eval sets beyond shapes: ImageFolder classification and CSV / webdataset retrieval, plus the task runner.
+
+``--data PATH`` is recognised by its layout:
+
+- shapes-style folder (``eval/*.tar`` + ``classnames.txt``): zero-shot (held-out / seen), retrieval, linear probe;
+- ImageFolder (``root/<class>/*.png|jpg``, or ``root/train/<class>`` + ``root/test|val/<class>``): zero-shot on the
+  test split (or the whole folder), linear probe from train to test. Class names are the folder names, or the
+  lines of ``classnames.txt`` (one per folder, in sorted folder order); templates come from ``templates.txt``
+  (``{}`` or ``{c}`` placeholders) or ``DEFAULT_TEMPLATES``;
+- ``.csv`` (``filepath,caption``; repeated filepaths are several captions of one image) or webdataset shards
+  (image + ``txt``, one caption per line): retrieval.
+
+The datasets here yield what CLIP_benchmark's metric functions expect (``(image, label)`` with ``.classes``;
+``(image, [captions])``), so the parity test feeds the very same loaders to both implementations.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from clipslim.data.loader import (
+    CAPTION_KEYS,
+    IMAGE_KEYS,
+    DataError,
+    _first,
+    _read_csv,
+    _SkipCounter,
+    _tar_samples,
+    resolve_shards,
+)
+from clipslim.eval.linear_probe import linear_probe
+from clipslim.eval.retrieval import retrieval_metrics
+from clipslim.eval.run import RECALL_KS, classification_masks, encode_batches, evaluate_features
+from clipslim.eval.zeroshot import autocast_ctx, build_classifier, zeroshot_metrics
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# The 7-template ensemble the CLIP authors recommend for ImageNet (CLIP's Prompt_Engineering notebook).
+DEFAULT_TEMPLATES: tuple[str, ...] = (
+    "itap of a {c}.",
+    "a bad photo of the {c}.",
+    "a origami {c}.",
+    "a photo of the large {c}.",
+    "a {c} in a video game.",
+    "art of the {c}.",
+    "a photo of the small {c}.",
+)
+TASKS = ("zeroshot_classification", "zeroshot_retrieval", "linear_probe")
+TASK_ALIASES = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval", "lp": "linear_probe"}
+TEST_SPLITS = ("test", "val")
+
+
+def parse_tasks(text: str) -> list[str]:
+    """``zeroshot,retrieval,linear_probe`` (or CLIP_benchmark's full names) -> canonical task names."""
+    tasks = []
+    for name in (t.strip() for t in text.split(",") if t.strip()):
+        task = TASK_ALIASES.get(name, name)
+        if task not in TASKS:
+            raise ValueError(f"unknown task '{name}' (choose from {', '.join([*TASK_ALIASES, *TASKS])})")
+        tasks.append(task)
+    return list(dict.fromkeys(tasks))
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text") from err
+
+
+def _open_rgb(data: bytes | Path, name: str) -> Image.Image:
+    try:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
+            return img.convert("RGB")
+    except Exception as err:  # PIL raises many types for one cause: a bad file
+        raise DataError(f"{name}: cannot decode image ({type(err).__name__})") from err
+
+
+# ---------------------------------------------------------------- ImageFolder
+
+
+def _class_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def image_folder_splits(root: str | Path) -> dict[str, Path]:
+    """``{"test": dir}`` for a plain ImageFolder, plus ``"train"`` when ``root/train`` + ``root/test|val`` exist."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data path not found: {root}")
+    test = next((root / s for s in TEST_SPLITS if (root / s).is_dir()), None)
+    if (root / "train").is_dir() and test is not None:
+        return {"train": root / "train", "test": test}
+    return {"test": root}
+
+
+class ImageFolderSet(Dataset):
+    """``(image, label)`` pairs of ``root/<class>/*``; ``classes`` and ``templates`` as CLIP_benchmark names them.
+
+    ``meta_dir`` is where ``classnames.txt`` / ``templates.txt`` are looked for (the dataset root for split folders).
+    """
+
+    def __init__(self, root: str | Path, transform: Callable | None = None, meta_dir: str | Path | None = None):
+        self.root, self.transform = Path(root), transform
+        meta = Path(meta_dir) if meta_dir is not None else self.root
+        dirs = _class_dirs(self.root)
+        if not dirs:
+            raise DataError(f"{self.root}: no class folders (expected root/<class>/*.png|jpg)")
+        self.folders = [d.name for d in dirs]
+        self.classes = self._classnames(meta / "classnames.txt", self.folders)
+        templates = meta / "templates.txt"
+        self.templates = _read_lines(templates) if templates.is_file() else list(DEFAULT_TEMPLATES)
+        files = [(f, label) for label, d in enumerate(dirs) for f in sorted(d.iterdir())]
+        self.samples = [(f, label) for f, label in files if f.suffix.lower() in IMAGE_SUFFIXES]
+        if not self.samples:
+            raise DataError(f"{self.root}: no images ({', '.join(IMAGE_SUFFIXES)}) in its class folders")
+
+    @staticmethod
+    def _classnames(path: Path, folders: list[str]) -> list[str]:
+        if not path.is_file():
+            return [name.replace("_", " ") for name in folders]
+        names = _read_lines(path)
+        if len(names) != len(folders):
+            raise DataError(f"{path}: {len(names)} class names for {len(folders)} class folders")
+        return names
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        path, label = self.samples[i]
+        image = _open_rgb(path, str(path))
+        return (self.transform(image) if self.transform else image), label
+
+    @property
+    def targets(self) -> list[int]:
+        return [label for _, label in self.samples]
+
+
+# ---------------------------------------------------------------- retrieval sets
+
+
+def _csv_items(path: Path, skipped: dict[str, int]) -> list[tuple[Path, list[str]]]:
+    groups: dict[Path, list[str]] = {}
+    for filepath, caption in _read_csv(path):
+        image = Path(filepath or "")
+        image = image if image.is_absolute() else path.parent / image
+        if not filepath or not image.is_file():
+            skipped["missing_image"] = skipped.get("missing_image", 0) + 1
+        elif not (caption or "").strip():
+            skipped["empty_caption"] = skipped.get("empty_caption", 0) + 1
+        else:
+            groups.setdefault(image, []).append(caption.strip())
+    return list(groups.items())
+
+
+def _wds_items(data: str | Path, skipped: dict[str, int]) -> list[tuple[bytes, list[str]]]:
+    counter, items = _SkipCounter(), []
+    for sample in _tar_samples([{"url": s} for s in resolve_shards(data)], counter):
+        image, raw = _first(sample, IMAGE_KEYS), _first(sample, CAPTION_KEYS)
+        try:
+            text = raw.decode("utf-8") if isinstance(raw, bytes) else (raw or "")
+        except UnicodeDecodeError:
+            counter.bump("bad_caption_encoding")
+            continue
+        captions = [line.strip() for line in text.splitlines() if line.strip()]
+        if image is None or not captions:
+            counter.bump("missing_image" if image is None else "empty_caption")
+            continue
+        items.append((bytes(image), captions))
+    for kind, n in counter.drain().items():
+        skipped[kind] = skipped.get(kind, 0) + n
+    return items
+
+
+class RetrievalSet(Dataset):
+    """``(image, [captions])`` per image from a CSV or webdataset shards; bad rows are skipped and counted.
+
+    Webdataset image bytes are held in memory (eval sets are small); CSV images are read on access.
+    """
+
+    def __init__(self, data: str | Path, transform: Callable | None = None):
+        self.transform, self.skipped = transform, {}
+        is_csv = str(data).lower().endswith(".csv")
+        self.items = _csv_items(Path(data), self.skipped) if is_csv else _wds_items(data, self.skipped)
+        if not self.items:
+            raise DataError(f"{data}: no usable image-caption samples")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[Any, list[str]]:
+        source, captions = self.items[i]
+        image = _open_rgb(source, str(source) if isinstance(source, Path) else f"sample {i}")
+        return (self.transform(image) if self.transform else image), captions
+
+    @staticmethod
+    def collate(batch: Sequence[tuple[torch.Tensor, list[str]]]) -> tuple[torch.Tensor, list[list[str]]]:
+        """Images stacked, captions kept as one list per image (CLIP_benchmark's ``image_captions_collate_fn``)."""
+        return torch.stack([b[0] for b in batch]), [b[1] for b in batch]
+
+
+# ---------------------------------------------------------------- detection
+
+
+@dataclass
+class EvalData:
+    """An eval set recognised from its path: ``kind`` is ``shapes``, ``imagefolder`` or ``retrieval``."""
+
+    kind: str
+    path: Path | str
+    name: str
+    splits: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """Tasks this set supports (a linear probe needs a training split)."""
+        if self.kind == "retrieval":
+            return ("zeroshot_retrieval",)
+        if self.kind == "shapes":
+            return TASKS
+        return ("zeroshot_classification", "linear_probe") if "train" in self.splits else ("zeroshot_classification",)
+
+    @property
+    def default_tasks(self) -> tuple[str, ...]:
+        return tuple(t for t in self.tasks if t != "linear_probe")
+
+
+def _is_shapes(path: Path) -> bool:
+    return path.is_dir() and (path / "classnames.txt").is_file() and (path / "eval").is_dir()
+
+
+def open_eval_data(path: str | Path) -> EvalData:
+    """Recognise an eval set; one-line error naming the path when it is none of the supported layouts."""
+    text = str(path)
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(text.split("{")[0]).stem or "data").strip("_") or "data"
+    p = Path(text)
+    if _is_shapes(p):
+        return EvalData("shapes", p, name)
+    if text.lower().endswith(".csv") or "{" in text or p.suffix == ".tar" or (p.is_dir() and any(p.glob("*.tar"))):
+        return EvalData("retrieval", text, name)
+    if p.is_dir():
+        return EvalData("imagefolder", p, name, image_folder_splits(p))
+    raise DataError(f"data path not found or not an eval set: {text}")
+
+
+# ---------------------------------------------------------------- encoding
+
+
+@torch.no_grad()
+def encode_images(
+    model: nn.Module, loader: Iterable, device: str | torch.device = "cpu", amp: bool = False, progress: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised image features and labels of an ``(image, label)`` loader, in eval mode."""
+    was_training, feats, labels = model.training, [], []
+    model.eval()
+    try:
+        for images, target in tqdm(loader, desc="images", unit="batch", disable=not progress, leave=False):
+            with autocast_ctx(device, amp):
+                emb = model.encode_image(images.to(device))
+            feats.append(F.normalize(emb.float(), dim=-1).cpu())
+            labels.append(torch.as_tensor(target).long())
+    finally:
+        model.train(was_training)
+    return torch.cat(feats), torch.cat(labels)
+
+
+@torch.no_grad()
+def encode_retrieval(
+    model: nn.Module,
+    tokenizer: Callable,
+    loader: Iterable,
+    device: str | torch.device = "cpu",
+    amp: bool = False,
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(image features, caption features, caption -> image index) of an ``(images, [[captions]])`` loader."""
+    was_training, images_out, texts_out, t2i = model.training, [], [], []
+    model.eval()
+    try:
+        for images, captions in tqdm(loader, desc="retrieval", unit="batch", disable=not progress, leave=False):
+            base = sum(len(x) for x in images_out)
+            flat = [c for caps in captions for c in caps]
+            t2i += [base + i for i, caps in enumerate(captions) for _ in caps]
+            with autocast_ctx(device, amp):
+                img, txt = model.encode_image(images.to(device)), model.encode_text(tokenizer(flat).to(device))
+            images_out.append(F.normalize(img.float(), dim=-1).cpu())
+            texts_out.append(F.normalize(txt.float(), dim=-1).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(images_out), torch.cat(texts_out), torch.tensor(t2i, dtype=torch.long)
+
+
+# ---------------------------------------------------------------- task runner
+
+
+@dataclass
+class RunOptions:
+    """How to run the tasks: batch size, device, mixed precision (None: on for CUDA), few-shot ks (-1: all)."""
+
+    batch_size: int = 256
+    device: str = "cpu"
+    amp: bool | None = None
+    fewshot_ks: Sequence[int] = (-1,)
+    progress: bool = True
+    seed: int = 0
+
+    @property
+    def use_amp(self) -> bool:
+        return torch.device(self.device).type == "cuda" if self.amp is None else self.amp
+
+
+def lp_key(k: int) -> str:
+    """Result key of a linear probe: ``linear_probe`` (all training rows) or ``linear_probe_k{k}`` (few-shot)."""
+    return "linear_probe" if k < 0 else f"linear_probe_k{k}"
+
+
+def _probes(train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor], opts: RunOptions):
+    return {lp_key(k): linear_probe(*train, *test, fewshot_k=k, seed=opts.seed) for k in opts.fewshot_ks}
+
+
+def _flat_zeroshot(results: dict[str, Any]) -> dict[str, Any]:
+    """Shapes' zero-shot groups as one flat CLIP_benchmark metrics dict: all classes, then ``heldout_``/``seen_``."""
+    flat = dict(results["zeroshot_all"])
+    for split in ("heldout", "seen"):
+        flat.update({f"{split}_{k}": v for k, v in results[f"zeroshot_{split}"].items()})
+    return flat
+
+
+def _labelled(features: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    mask = classification_masks(features.meta)["all"]
+    labels = torch.tensor([m.get("cls", -1) for m in features.meta], dtype=torch.long)
+    return features.image[mask], labels[mask]
+
+
+def _shapes_tasks(bundle: Any, data: EvalData, tasks: Sequence[str], opts: RunOptions) -> dict[str, Any]:
+    from clipslim.data.loader import make_loader
+    from clipslim.data.shapes import read_lines
+
+    model, root, out = bundle.model.to(opts.device), Path(data.path), {}
+
+    def encode(split: str) -> Any:
+        loader = make_loader(str(root / split), bundle.preprocess_val, bundle.tokenizer, opts.batch_size, train=False)
+        return encode_batches(model, loader, device=opts.device, amp=opts.use_amp, progress=opts.progress)
+
+    feats = encode("eval")
+    skipped = dict(feats.skipped)
+    if {"zeroshot_classification", "zeroshot_retrieval"} & set(tasks):
+        names, templates = read_lines(root / "classnames.txt"), read_lines(root / "templates.txt")
+        clf = build_classifier(model, bundle.tokenizer, names, templates, device=opts.device, amp=opts.use_amp)
+        res = evaluate_features(feats, clf.cpu())
+        if "zeroshot_classification" in tasks:
+            out["zeroshot_classification"] = _flat_zeroshot(res)
+        if "zeroshot_retrieval" in tasks:
+            out["zeroshot_retrieval"] = res["retrieval"]
+    if "linear_probe" in tasks:
+        train = encode("train")
+        skipped = {k: skipped.get(k, 0) + train.skipped.get(k, 0) for k in {*skipped, *train.skipped}}
+        x_train, y_train = _labelled(train)
+        x_test, y_test = _labelled(feats)
+        seen = torch.isin(y_test, y_train)  # held-out classes have no training images: a probe cannot know them
+        out.update(_probes((x_train, y_train), (x_test[seen], y_test[seen]), opts))
+    return {"tasks": out, "skipped": skipped}
+
+
+def _folder_features(bundle: Any, folder: ImageFolderSet, opts: RunOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    loader = DataLoader(folder, batch_size=opts.batch_size, num_workers=0)
+    return encode_images(bundle.model, loader, device=opts.device, amp=opts.use_amp, progress=opts.progress)
+
+
+def _imagefolder_tasks(bundle: Any, data: EvalData, tasks: Sequence[str], opts: RunOptions) -> dict[str, Any]:
+    bundle.model.to(opts.device)
+    test = ImageFolderSet(data.splits["test"], bundle.preprocess_val, meta_dir=data.path)
+    x_test, y_test = _folder_features(bundle, test, opts)
+    out: dict[str, Any] = {}
+    if "zeroshot_classification" in tasks:
+        clf = build_classifier(
+            bundle.model, bundle.tokenizer, test.classes, test.templates, device=opts.device, amp=opts.use_amp
+        )
+        out["zeroshot_classification"] = zeroshot_metrics(x_test, y_test, clf.cpu())
+    if "linear_probe" in tasks:
+        train = ImageFolderSet(data.splits["train"], bundle.preprocess_val, meta_dir=data.path)
+        if train.folders != test.folders:
+            raise DataError(f"{data.path}: train and {data.splits['test'].name} have different class folders")
+        out.update(_probes(_folder_features(bundle, train, opts), (x_test, y_test), opts))
+    return {"tasks": out, "skipped": {}}
+
+
+def _retrieval_tasks(bundle: Any, data: EvalData, tasks: Sequence[str], opts: RunOptions) -> dict[str, Any]:
+    model = bundle.model.to(opts.device)
+    ds = RetrievalSet(data.path, bundle.preprocess_val)
+    loader = DataLoader(ds, batch_size=opts.batch_size, num_workers=0, collate_fn=RetrievalSet.collate)
+    img, txt, t2i = encode_retrieval(model, bundle.tokenizer, loader, opts.device, opts.use_amp, opts.progress)
+    metrics = {**retrieval_metrics(img, txt, t2i, ks=RECALL_KS), "n": len(img), "n_captions": len(txt)}
+    return {"tasks": {"zeroshot_retrieval": metrics}, "skipped": dict(ds.skipped)}
+
+
+_RUNNERS = {"shapes": _shapes_tasks, "imagefolder": _imagefolder_tasks, "retrieval": _retrieval_tasks}
+
+
+def evaluate_data(
+    bundle: Any, data: EvalData | str | Path, tasks: Sequence[str] | None = None, opts: RunOptions | None = None
+) -> dict[str, Any]:
+    """Run ``tasks`` (default: the set's cheap ones) of a ``ClipBundle`` on one eval set, encoding each split once.
+
+    Returns ``{"tasks": {key: metrics}, "skipped": counts}``; keys are task names, few-shot probes ``lp_key(k)``.
+    """
+    data = data if isinstance(data, EvalData) else open_eval_data(data)
+    tasks = list(data.default_tasks if tasks is None else tasks)
+    unsupported = [t for t in tasks if t not in data.tasks]
+    if unsupported:
+        raise DataError(f"{data.path}: {data.kind} data does not support {', '.join(unsupported)}")
+    return _RUNNERS[data.kind](bundle, data, tasks, opts or RunOptions())
