@@ -4,9 +4,11 @@
     python benchmarks/deploy_speed.py --quick    # batch 1 only, fewer repeats, no torch.compile
     python benchmarks/deploy_speed.py --data .data/shapes   # + zero-shot accuracy of eager / ONNX / int8
 
-Every variant is timed round-robin (one call each per round) with the same number of threads, so a load change on
-a shared machine hits all of them alike and the ratios stay meaningful. Latency ratios are p50 over eager. The
-target the issue set: ONNX Runtime batch-1 image-encoder latency <= 0.7x eager on CPU; the result records it
+Variants are timed in turns (10 rounds, one block of calls each per round, see ``interleaved_times``) with the same
+number of threads, so a load change on a shared machine hits all of them alike and the ratios stay meaningful;
+the 1-minute load average before and after is recorded because on a busy machine torch's OpenMP threads stall
+far more than ONNX Runtime's (``--threads 1`` is the robust comparison there). Latency ratios are p50 over eager.
+The target the issue set: ONNX Runtime batch-1 image-encoder latency <= 0.7x eager on CPU; the result records it
 either way. A random-init model is fine for latency; accuracy needs trained weights (``--accuracy-model``, by
 default the shipped teacher). Writes ``benchmarks/results/deploy_speed.json``.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -63,6 +66,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     bundle = load_model(args.model)
     bundle.model.eval()
+    load_before = os.getloadavg()[0]
     batches = [1] if args.quick else args.batch_sizes
     repeats = args.repeats or (30 if args.quick else 200)
     with tempfile.TemporaryDirectory() as tmp:
@@ -76,6 +80,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result: dict[str, Any] = {
             "model": args.model, "device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
             "onnxruntime": __import__("onnxruntime").__version__, "machine": platform.processor() or platform.machine(),
+            "load_average_1min": {"before": load_before, "after": os.getloadavg()[0], "cpu_count": os.cpu_count()},
             "quick": args.quick, "repeats": repeats, "command": " ".join(["python", *sys.argv]),
             "target": target,
             "ratios": _ratios(speed), "setup": setup, "speed": {f"b{b}": s for b, s in speed.items()},

@@ -8,14 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("onnxruntime")
-pytest.importorskip("onnxscript")
-
-from clipslim.cli import main  # noqa: E402
-from clipslim.deploy import REPORT_FILE, OrtClip, parity  # noqa: E402
-from clipslim.deploy.compiled import check_compiler, compile_clip  # noqa: E402
-from clipslim.deploy.onnx import CONFIG_FILE, example_inputs  # noqa: E402
-from clipslim.models import load_model  # noqa: E402
+from clipslim.cli import main
+from clipslim.deploy import REPORT_FILE, OrtClip, parity
+from clipslim.deploy.compiled import check_compiler, compile_clip
+from clipslim.deploy.onnx import CONFIG_FILE, example_inputs
+from clipslim.models import load_model
 
 
 @pytest.fixture(scope="module")

@@ -78,6 +78,8 @@ def test_open_eval_data_recognises_layouts(folder, captions_csv, tiny_shapes, tm
     assert open_eval_data(tiny_shapes / "eval").kind == "retrieval"  # a folder of shards
     with pytest.raises(DataError, match="missing"):
         open_eval_data(tmp_path / "missing")
+    with pytest.raises(DataError, match=r"not found: .*gone\.csv"):
+        open_eval_data(tmp_path / "gone.csv")
 
 
 def test_parse_tasks_aliases_and_errors():
@@ -119,8 +121,10 @@ def test_retrieval_set_groups_captions_and_counts_skips(captions_csv, tmp_path):
         for i, (path, caps) in enumerate(ds.items[:3]):
             w.write({"__key__": f"s{i}", "png": path.read_bytes(), "txt": "\n".join(caps)})
         w.write({"__key__": "empty", "png": path.read_bytes(), "txt": "  \n"})
+        w.write({"__key__": "nocaption", "png": path.read_bytes()})
     shards = RetrievalSet(shard)
-    assert [c for _, c in shards.items] == [c for _, c in ds.items[:3]] and shards.skipped == {"empty_caption": 1}
+    assert [c for _, c in shards.items] == [c for _, c in ds.items[:3]]
+    assert shards.skipped == {"empty_caption": 1, "missing_caption": 1}
 
 
 def clip_benchmark_accuracy(output: torch.Tensor, target: torch.Tensor, topk: tuple[int, ...] = (1,)) -> list[float]:

@@ -332,7 +332,8 @@ def _add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("clipslim").setLevel(logging.INFO)  # ours at INFO; open_clip's chatter stays quiet
     fn: Callable[[argparse.Namespace], None] = args.fn
     try:
         fn(args)

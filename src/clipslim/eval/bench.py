@@ -16,6 +16,7 @@ intensity.
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from collections.abc import Callable, Sequence
@@ -60,22 +61,30 @@ def time_calls(fn: Callable[[], Any], repeats: int, warmup: int, device: str | t
 
 
 def interleaved_times(
-    fns: dict[str, Callable[[], Any]], repeats: int, warmup: int, device: str | torch.device = "cpu"
+    fns: dict[str, Callable[[], Any]], repeats: int, warmup: int, device: str | torch.device = "cpu", block: int = 1
 ) -> dict[str, list[float]]:
-    """Seconds per call of each function, timed round-robin (one call each per round) so that load changes on a
-    shared machine hit every contender alike; use this for ratios."""
+    """Seconds per call of each function, timed round-robin in blocks of ``block`` calls, so that load changes on a
+    shared machine hit every contender alike; use this for ratios.
+
+    Runtimes leave thread pools spinning after a call (ONNX Runtime does by default), which slows whatever runs
+    next in the process; so after each switch one untimed call lets the previous runtime's threads go idle.
+    """
     device = torch.device(device)
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
+    while any(len(t) < repeats for t in times.values()):
         for name, fn in fns.items():
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
+            count = min(block, repeats - len(times[name]))
+            if count > 0 and len(fns) > 1:
+                fn()  # settle after the switch
+            for _ in range(count):
+                _sync(device)
+                start = time.perf_counter()
+                fn()
+                _sync(device)
+                times[name].append(time.perf_counter() - start)
     return times
 
 
@@ -192,7 +201,9 @@ def machine_peaks(device: str | torch.device = "cpu", quick: bool = False) -> di
 def machine_info(device: str | torch.device) -> dict[str, Any]:
     device = torch.device(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    return {"device": str(device), "device_name": name, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    info = {"device": str(device), "device_name": name, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    # CPU timings are only as good as the machine is idle; record how busy it was (1-minute load average).
+    return {**info, "cpu_count": os.cpu_count(), "load_average_1min": os.getloadavg()[0]}
 
 
 # ---------------------------------------------------------------- models

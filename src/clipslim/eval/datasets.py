@@ -169,14 +169,17 @@ def _wds_items(data: str | Path, skipped: dict[str, int]) -> list[tuple[bytes, l
     counter, items = _SkipCounter(), []
     for sample in _tar_samples([{"url": s} for s in resolve_shards(data)], counter):
         image, raw = _first(sample, IMAGE_KEYS), _first(sample, CAPTION_KEYS)
+        if image is None or raw is None:
+            counter.bump("missing_image" if image is None else "missing_caption")
+            continue
         try:
-            text = raw.decode("utf-8") if isinstance(raw, bytes) else (raw or "")
+            text = raw if isinstance(raw, str) else bytes(raw).decode("utf-8")
         except UnicodeDecodeError:
             counter.bump("bad_caption_encoding")
             continue
         captions = [line.strip() for line in text.splitlines() if line.strip()]
-        if image is None or not captions:
-            counter.bump("missing_image" if image is None else "empty_caption")
+        if not captions:
+            counter.bump("empty_caption")
             continue
         items.append((bytes(image), captions))
     for kind, n in counter.drain().items():
@@ -248,6 +251,8 @@ def open_eval_data(path: str | Path) -> EvalData:
     p = Path(text)
     if _is_shapes(p):
         return EvalData("shapes", p, name)
+    if text.lower().endswith(".csv") and not p.is_file():
+        raise DataError(f"data path not found: {text}")
     if text.lower().endswith(".csv") or "{" in text or p.suffix == ".tar" or (p.is_dir() and any(p.glob("*.tar"))):
         return EvalData("retrieval", text, name)
     if p.is_dir():
@@ -286,13 +291,13 @@ def encode_retrieval(
     progress: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(image features, caption features, caption -> image index) of an ``(images, [[captions]])`` loader."""
-    was_training, images_out, texts_out, t2i = model.training, [], [], []
+    was_training, images_out, texts_out, t2i, base = model.training, [], [], [], 0
     model.eval()
     try:
         for images, captions in tqdm(loader, desc="retrieval", unit="batch", disable=not progress, leave=False):
-            base = sum(len(x) for x in images_out)
             flat = [c for caps in captions for c in caps]
             t2i += [base + i for i, caps in enumerate(captions) for _ in caps]
+            base += len(captions)
             with autocast_ctx(device, amp):
                 img, txt = model.encode_image(images.to(device)), model.encode_text(tokenizer(flat).to(device))
             images_out.append(F.normalize(img.float(), dim=-1).cpu())

@@ -287,7 +287,7 @@ def plot_pareto(table: Sequence[dict[str, Any]], out_png: str | Path, metric: st
             ax.legend(fontsize=8)
         ax.set(xlabel=label, ylabel=f"zero-shot top-1 ({metric}, %)", xscale="log")
         ax.grid(alpha=0.3, which="both")
-    fig.suptitle(title or "accuracy vs speed and size (square: teacher, circle: student)")
+    fig.suptitle(f"{title or 'accuracy vs speed and size'}\n(square: teacher, circle: student, triangle: other)")
     fig.tight_layout()
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)

@@ -71,7 +71,9 @@ class ValidationSet:
     n_classes: int
 
     @classmethod
-    def from_data(cls, bundle: Any, data_dir: str | Path, shards: str | Path | None = None, max_samples: int = 512):
+    def from_data(
+        cls, bundle: Any, data_dir: str | Path, shards: str | Path | None = None, max_samples: int = 512
+    ) -> ValidationSet:
         """Up to ``max_samples`` labelled images of ``shards`` (default: ``data_dir/train``, so the eval split stays
         untouched) and the prompts of ``data_dir``'s ``classnames.txt`` x ``templates.txt``."""
         from ..data.loader import make_loader
@@ -242,6 +244,7 @@ def _plot(result: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     hist = result["history"]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -249,6 +252,7 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     for r in hist[1:]:
         ax.annotate(r["block"], (r["removed"], 100 * r["val_acc1"]), fontsize=7, rotation=30)
     ax.set(xlabel="blocks removed (greedy)", ylabel="validation zero-shot top-1 (%)", title="Direct block pruning")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -291,7 +295,6 @@ def prune_blocks(
     """Greedy block removal on model ``spec``; writes ``out/model`` (open_clip folder), ``blocks.json``,
     ``blocks.md`` and ``blocks.png`` (validation accuracy against blocks removed), test accuracy before and after
     (and after ``recover_steps`` of distillation from the original model when > 0)."""
-    from ..eval.run import evaluate_shapes
     from ..export import export_open_clip
     from ..io import atomic_write_json, atomic_write_text
     from ..models import load_model
@@ -316,16 +319,25 @@ def prune_blocks(
     if latency is not None:
         result["latency_ms"] = {"full": latency(set()), "pruned": latency({(k, i) for k, i in _removed(result)})}
     if (data_dir / "eval").is_dir():
-        result["test"] = {
-            "full": evaluate_shapes(bundle, data_dir, progress=False),
-            "pruned": evaluate_shapes(load_model(str(out / "model")), data_dir, progress=False),
-        }
-        if recover_steps > 0:
-            result["test"]["recovered"] = _recover(spec, out, data_dir, arch, recover_steps, progress)
+        result["test"] = _test(spec, bundle, out, data_dir, arch, recover_steps, progress)
     atomic_write_json(out / "blocks.json", result)
     atomic_write_text(out / "blocks.md", _markdown(result))
     _plot(result, out / "blocks.png")
     return result
+
+
+def _test(spec: str, bundle: Any, out: Path, data_dir: Path, arch: str, recover: int, progress: bool) -> dict:
+    """Test-split accuracy of the full model, the pruned one and (``recover`` > 0) the recovered one."""
+    from ..eval.run import evaluate_shapes
+    from ..models import load_model
+
+    test = {
+        "full": evaluate_shapes(bundle, data_dir, progress=False),
+        "pruned": evaluate_shapes(load_model(str(out / "model")), data_dir, progress=False),
+    }
+    if recover > 0:
+        test["recovered"] = _recover(spec, out, data_dir, arch, recover, progress)
+    return test
 
 
 def _removed(result: dict[str, Any]) -> list[BlockId]:

@@ -19,7 +19,7 @@ Ties keep the lower index, so uniform scores reproduce the manual rule's leading
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -165,7 +165,7 @@ class _ActivationStats:
             self.handles.append(b.mlp.c_proj.register_forward_pre_hook(self._mlp_hook(i)))
         self.handles.append(_final_norm(tower).register_forward_pre_hook(self._final_hook))
 
-    def _block_hook(self, i: int):
+    def _block_hook(self, i: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
             x = args[0] if args else kwargs["q_x"]
             self.sq += x.float().pow(2).mean(dim=(0, 1)).cpu()
@@ -175,13 +175,13 @@ class _ActivationStats:
 
         return hook
 
-    def _attn_hook(self, i: int):
+    def _attn_hook(self, i: int) -> Callable[..., None]:
         def hook(module: nn.MultiheadAttention, args: tuple, kwargs: dict, output: Any) -> None:
             self.heads[i] += _head_contributions(module, args[0], kwargs.get("attn_mask")).cpu()
 
         return hook
 
-    def _mlp_hook(self, i: int):
+    def _mlp_hook(self, i: int) -> Callable[..., None]:
         def hook(module: nn.Linear, args: tuple) -> None:
             self.mlp[i] += args[0].abs().mean(dim=(0, 1)).cpu() * module.weight.norm(dim=0).cpu()
 

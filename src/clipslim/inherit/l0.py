@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -283,7 +284,7 @@ class L0Sparsity(Objective):
             if isinstance(norm, nn.LayerNorm):
                 self._handles.append(norm.register_forward_hook(self._norm_hook(kind)))
 
-    def _entry_hook(self, kind: str):
+    def _entry_hook(self, kind: str) -> Callable[..., tuple]:
         def hook(module: nn.Module, args: tuple) -> tuple:
             masks = self.tower_masks(kind, module.training)
             keep = torch.zeros_like(masks.width).index_fill(0, masks.keep, 1.0)
@@ -291,20 +292,20 @@ class L0Sparsity(Objective):
 
         return hook
 
-    def _norm_hook(self, kind: str):
+    def _norm_hook(self, kind: str) -> Callable[..., torch.Tensor]:
         def hook(module: nn.LayerNorm, args: tuple, output: torch.Tensor) -> torch.Tensor:
             masks = self.tower_masks(kind, module.training)
             return _masked_layer_norm(args[0], module, masks.keep, masks.width)
 
         return hook
 
-    def _write_hook(self, kind: str):
+    def _write_hook(self, kind: str) -> Callable[..., torch.Tensor]:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
             return output * self.tower_masks(kind, module.training).width.to(output.dtype)
 
         return hook
 
-    def _mlp_hook(self, kind: str, layer: int):
+    def _mlp_hook(self, kind: str, layer: int) -> Callable[..., tuple]:
         def hook(module: nn.Module, args: tuple) -> tuple:
             gate = self.tower_masks(kind, module.training).mlp[layer]
             return (args[0] * gate.to(args[0].dtype), *args[1:])

@@ -289,7 +289,9 @@ def _head_channels(heads: list[int], head_dim: int) -> list[int]:
     return [h * head_dim + j for h in heads for j in range(head_dim)]
 
 
-def _axis_index(axis: str | None, sel: TowerSelection, block: int | None, t_size: int, s_size: int, head_dim: int):
+def _axis_index(
+    axis: str | None, sel: TowerSelection, block: int | None, t_size: int, s_size: int, head_dim: int
+) -> list[int]:
     """Teacher indices for one axis of one tensor."""
     if axis is None:
         return list(range(s_size))
@@ -308,7 +310,9 @@ def _axis_index(axis: str | None, sel: TowerSelection, block: int | None, t_size
     return [part * width_t + c for part in range(3) for c in channels]
 
 
-def _take(t: torch.Tensor, axes: Axes, shape: torch.Size, sel: TowerSelection, block: int | None, head_dim: int):
+def _take(
+    t: torch.Tensor, axes: Axes, shape: torch.Size, sel: TowerSelection, block: int | None, head_dim: int
+) -> torch.Tensor:
     """``t`` indexed by the selection along every axis; must land exactly on the student ``shape``."""
     if t.dim() != len(shape) or len(axes) != t.dim():
         raise InheritError(f"cannot cut teacher shape {tuple(t.shape)} to student shape {tuple(shape)}")
@@ -422,20 +426,7 @@ def inherit_selected(
     s_params = dict(student.named_parameters())
     s_names = list(s_params)
 
-    plan: list[_Copy] = []
-    claimed: set[str] = set()
-    report: dict = {}
-    for t_tower, s_tower in tower_pairs(teacher, student):
-        t_geo, s_geo = tower_geometry(t_tower), tower_geometry(s_tower)
-        sel = selections[s_tower.kind]
-        if len(sel.layers) != s_geo.layers:
-            raise InheritError(f"{s_tower.kind}.layers: selection has {len(sel.layers)}, student {s_geo.layers}")
-        report[f"{s_tower.kind}_layers"] = list(sel.layers)
-        report[s_tower.kind] = {"teacher": asdict(t_geo), "student": asdict(s_geo)}
-        tower_plan, tower_claimed = _plan_tower(t_tower, s_tower, s_names, sel, s_geo.head_dim)
-        plan += tower_plan
-        claimed |= tower_claimed
-
+    plan, claimed, report = _plan_towers(teacher, student, s_names, selections)
     kept_init = _plan_scalars(plan, claimed, t_params, s_params, copy_logit_scale)
 
     # Every student parameter (state-dict entries that are not buffers) must have been planned or deliberately kept.
@@ -472,6 +463,26 @@ def plain_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
         match = _PARAMETRIZED.fullmatch(name)
         out[match.group(1) + match.group(2) if match else name] = p
     return out
+
+
+def _plan_towers(
+    teacher: nn.Module, student: nn.Module, s_names: list[str], selections: dict[str, TowerSelection]
+) -> tuple[list[_Copy], set[str], dict]:
+    """Plan both towers' copies; returns (plan, claimed student names, report with layers and geometries)."""
+    plan: list[_Copy] = []
+    claimed: set[str] = set()
+    report: dict = {}
+    for t_tower, s_tower in tower_pairs(teacher, student):
+        t_geo, s_geo = tower_geometry(t_tower), tower_geometry(s_tower)
+        sel = selections[s_tower.kind]
+        if len(sel.layers) != s_geo.layers:
+            raise InheritError(f"{s_tower.kind}.layers: selection has {len(sel.layers)}, student {s_geo.layers}")
+        report[f"{s_tower.kind}_layers"] = list(sel.layers)
+        report[s_tower.kind] = {"teacher": asdict(t_geo), "student": asdict(s_geo)}
+        tower_plan, tower_claimed = _plan_tower(t_tower, s_tower, s_names, sel, s_geo.head_dim)
+        plan += tower_plan
+        claimed |= tower_claimed
+    return plan, claimed, report
 
 
 def _plan_scalars(

@@ -173,6 +173,8 @@ class Trainer:
         self.stream = BatchStream(self.built, recipe, self.device, self.env)
         self.metrics = CsvLog(self.run_dir / "metrics.csv")
         self.evals = CsvLog(self.run_dir / "evals.csv")
+        if self.resume_from is None:  # a fresh start (e.g. after a crash before the first checkpoint) logs anew
+            self.metrics.rows, self.evals.rows = [], []
         self.step = 0
 
     def _prepare_run_dir(self) -> None:
