@@ -190,6 +190,7 @@ def cmd_prune_blocks(args: argparse.Namespace) -> None:
     result = prune_blocks(
         args.model, args.data, args.out, target_depth=args.target_depth, target_latency_ms=args.target_latency_ms,
         val_shards=args.val, val_samples=args.val_samples, recover_steps=args.recover_steps,
+        recover_batch_size=args.recover_batch_size,
     )  # fmt: skip
     print((Path(args.out) / "blocks.md").read_text())
     print(f"removed {', '.join(result['removed']) or 'nothing'}; pruned model: {Path(args.out) / 'model'}")
@@ -289,6 +290,7 @@ def _add_inherit_parsers(sub: argparse._SubParsersAction) -> None:
     pb.add_argument("--val", type=Path, help="validation shards (default: DATA/train, keeping DATA/eval unseen)")
     pb.add_argument("--val-samples", type=int, default=512, help="labelled validation images used")
     pb.add_argument("--recover-steps", type=int, default=0, help="then distill the pruned model this many steps")
+    pb.add_argument("--recover-batch-size", type=int, default=128, help="batch size of that distillation")
     pb.set_defaults(fn=cmd_prune_blocks)
 
     st = sub.add_parser("stages", help="multi-stage distillation / auto inheritance recipe (resumable)")

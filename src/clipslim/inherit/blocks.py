@@ -259,7 +259,7 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def _recover(spec: str, out: Path, data_dir: Path, arch: str, steps: int, progress: bool) -> dict[str, Any]:
+def _recover(spec: str, out: Path, data_dir: Path, arch: str, steps: int, batch: int, progress: bool) -> dict:
     """Short affinity distillation of the pruned model from the original one (a normal, resumable run)."""
     from ..recipe import recipe_from_dict
     from ..train import train
@@ -272,7 +272,7 @@ def _recover(spec: str, out: Path, data_dir: Path, arch: str, steps: int, progre
             "student": {"arch": arch, "init": str(out / "model")},
             "data": {"train": str(data_dir / "train"), "eval": str(data_dir), "num_workers": 1},
             "objectives": {"affinity": {"weight": 1.0, "teacher_scale": 50.0}},
-            "train": {"steps": steps, "batch_size": 128, "warmup": max(1, steps // 10), "save_every": steps},
+            "train": {"steps": steps, "batch_size": batch, "warmup": max(1, steps // 10), "save_every": steps},
         }
     )
     run_dir = out / "recover"
@@ -290,11 +290,12 @@ def prune_blocks(
     val_shards: str | Path | None = None,
     val_samples: int = 512,
     recover_steps: int = 0,
+    recover_batch_size: int = 128,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Greedy block removal on model ``spec``; writes ``out/model`` (open_clip folder), ``blocks.json``,
     ``blocks.md`` and ``blocks.png`` (validation accuracy against blocks removed), test accuracy before and after
-    (and after ``recover_steps`` of distillation from the original model when > 0)."""
+    (and after ``recover_steps`` of affinity distillation from the original model, batch ``recover_batch_size``)."""
     from ..export import export_open_clip
     from ..io import atomic_write_json, atomic_write_text
     from ..models import load_model
@@ -319,15 +320,16 @@ def prune_blocks(
     if latency is not None:
         result["latency_ms"] = {"full": latency(set()), "pruned": latency({(k, i) for k, i in _removed(result)})}
     if (data_dir / "eval").is_dir():
-        result["test"] = _test(spec, bundle, out, data_dir, arch, recover_steps, progress)
+        recover = (recover_steps, recover_batch_size)
+        result["test"] = _test(spec, bundle, out, data_dir, arch, recover, progress)
     atomic_write_json(out / "blocks.json", result)
     atomic_write_text(out / "blocks.md", _markdown(result))
     _plot(result, out / "blocks.png")
     return result
 
 
-def _test(spec: str, bundle: Any, out: Path, data_dir: Path, arch: str, recover: int, progress: bool) -> dict:
-    """Test-split accuracy of the full model, the pruned one and (``recover`` > 0) the recovered one."""
+def _test(spec: str, bundle: Any, out: Path, data_dir: Path, arch: str, recover: tuple, progress: bool) -> dict:
+    """Test-split accuracy of the full model, the pruned one and the recovered one (``recover``: steps, batch)."""
     from ..eval.run import evaluate_shapes
     from ..models import load_model
 
@@ -335,8 +337,8 @@ def _test(spec: str, bundle: Any, out: Path, data_dir: Path, arch: str, recover:
         "full": evaluate_shapes(bundle, data_dir, progress=False),
         "pruned": evaluate_shapes(load_model(str(out / "model")), data_dir, progress=False),
     }
-    if recover > 0:
-        test["recovered"] = _recover(spec, out, data_dir, arch, recover, progress)
+    if recover[0] > 0:
+        test["recovered"] = _recover(spec, out, data_dir, arch, *recover, progress)
     return test
 
 
