@@ -97,10 +97,9 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
 
 def plot_runs(runs: dict[str, Path], teacher_acc: float, out_png: Path) -> Path:
     """Loss and held-out zero-shot top-1 against steps for each run, the teacher as a reference line."""
-    import matplotlib
+    from .plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     for label, run_dir in runs.items():
@@ -116,10 +115,7 @@ def plot_runs(runs: dict[str, Path], teacher_acc: float, out_png: Path) -> Path:
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png)
 
 
 def run_demo(

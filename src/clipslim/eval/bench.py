@@ -331,10 +331,9 @@ def bench_models(
 
 def plot_roofline(result: dict[str, Any], out_png: str | Path) -> Path:
     """Log-log roofline: the measured matmul and bandwidth roofs, one point per model, encoder and batch size."""
-    import matplotlib
+    from ..plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     peak, bw = result["machine"]["matmul_flops_per_s"], result["machine"]["memory_bytes_per_s"]
     rows = [(m["model"], enc, r) for m in result["models"] for enc in ("image", "text") for r in m[enc]]
@@ -363,11 +362,7 @@ def plot_roofline(result: dict[str, Any], out_png: str | Path) -> Path:
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png)
 
 
 def _mib(n: int | None) -> str:

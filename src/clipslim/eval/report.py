@@ -266,10 +266,9 @@ def html_table(table: Sequence[dict[str, Any]], title: str) -> str:
 
 def plot_pareto(table: Sequence[dict[str, Any]], out_png: str | Path, metric: str = "acc1", title: str = "") -> Path:
     """Zero-shot top-1 against images/s and against params; Pareto-optimal models ringed and joined."""
-    import matplotlib
+    from ..plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for ax, axis, flag, label in (
@@ -289,11 +288,7 @@ def plot_pareto(table: Sequence[dict[str, Any]], out_png: str | Path, metric: st
         ax.grid(alpha=0.3, which="both")
     fig.suptitle(f"{title or 'accuracy vs speed and size'}\n(square: teacher, circle: student, triangle: other)")
     fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png)
 
 
 def write_report(
