@@ -89,3 +89,31 @@ def test_missing_data_is_one_line_error(tiny_recipe, tmp_path):
     with pytest.raises(ValueError, match="nope"):
         train(bad, tmp_path / "run", progress=False)
     assert recipe.train.steps == 6
+
+
+def test_sigterm_to_the_process_group_saves_and_exits_cleanly(tiny_shapes, tmp_path):
+    """What Ctrl-C or `pkill -f` does: every process of the run (main and DataLoader worker) gets the signal."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "name: sig\nstudent: {arch: tiny-student}\n"
+        f"data: {{train: {tiny_shapes / 'train'}, num_workers: 1}}\n"
+        "objectives: {clip: 1.0}\ntrain: {steps: 100000, batch_size: 32, log_every: 1, save_every: 100000}\n"
+    )
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "clipslim.cli", "train", str(recipe), "--out", str(run), "--quiet"]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (
+        (run / "metrics.csv").is_file() and len((run / "metrics.csv").read_text().splitlines()) > 3
+    ):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert '"stopped_at"' in out
+    assert latest_checkpoint(run / "checkpoints") is not None

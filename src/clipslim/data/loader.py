@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import random
+import signal
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -452,4 +453,14 @@ def make_loader(
     # DataLoader draws its workers' base seed from this generator, not from (and advancing) the global torch RNG.
     generator = torch.Generator().manual_seed(_stream_seed(seed, epoch, rank, "loader"))
     pipeline = wds.DataPipeline(*stages)
-    return DataLoader(pipeline, batch_size=None, num_workers=num_workers, persistent_workers=False, generator=generator)
+    return DataLoader(
+        pipeline, batch_size=None, num_workers=num_workers, persistent_workers=False, generator=generator,
+        worker_init_fn=_leave_stop_signals_to_main,
+    )  # fmt: skip
+
+
+def _leave_stop_signals_to_main(worker_id: int) -> None:
+    """Ctrl-C or a scheduler's SIGTERM reaches the whole process group; a worker that died of it would crash the
+    trainer before it saves. Workers ignore both: the main process saves, then shuts its workers down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
