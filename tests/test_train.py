@@ -117,3 +117,76 @@ def test_sigterm_to_the_process_group_saves_and_exits_cleanly(tiny_shapes, tmp_p
     assert proc.returncode == 0, err[-2000:]
     assert '"stopped_at"' in out
     assert latest_checkpoint(run / "checkpoints") is not None
+
+
+class _NanAt:
+    """A test objective: InfoNCE whose loss turns NaN on chosen calls (steps)."""
+
+    bad: set[int] = set()
+    calls = 0
+
+
+@pytest.fixture
+def nan_objective():
+    from clipslim.objectives import OBJECTIVES, Objective
+    from clipslim.objectives.clip import info_nce
+
+    class NanAt(Objective):
+        name = "nan_at_test"
+
+        def forward(self, student, teacher, batch):
+            _NanAt.calls += 1
+            loss = info_nce(student.image, student.text, student.logit_scale)
+            return {"nan_at_test_loss": loss * float("nan") if _NanAt.calls in _NanAt.bad else loss}
+
+    OBJECTIVES["nan_at_test"] = NanAt
+    _NanAt.calls = 0
+    yield _NanAt
+    del OBJECTIVES["nan_at_test"]
+
+
+def _nan_recipe(tiny_shapes, **train):
+    from clipslim.recipe import recipe_from_dict
+
+    return recipe_from_dict(
+        {
+            "student": {"arch": "tiny-student"},
+            "data": {"train": str(tiny_shapes / "train"), "num_workers": 0},
+            "objectives": {"nan_at_test": 1.0},
+            "train": {"batch_size": 32, "warmup": 1, **train},
+        }  # fmt: skip
+    )
+
+
+def test_a_non_finite_step_is_skipped_and_counted(tiny_shapes, tmp_path, nan_objective):
+    nan_objective.bad = {3}
+    trainer = Trainer(_nan_recipe(tiny_shapes, steps=5), tmp_path / "run", progress=False)
+    snapshots = {}
+    original = trainer.train_step
+
+    def watched(batch):
+        before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        out = original(batch)
+        snapshots[trainer.step + 1] = (before, out)
+        return out
+
+    trainer.train_step = watched
+    results = trainer.run()
+    before, out = snapshots[3]
+    assert "bad_step" in out and results["bad_steps"] == 1
+    after_bad_step = snapshots[4][0]
+    assert all(torch.equal(before[k], after_bad_step[k]) for k in before), "a NaN step must not touch the weights"
+    assert all(torch.isfinite(v).all() for v in trainer.model.state_dict().values())
+    assert not any(torch.equal(snapshots[4][0][k], snapshots[5][0][k]) for k in ["student.visual.proj"])
+
+
+def test_consecutive_non_finite_steps_stop_with_the_term_named(tiny_shapes, tmp_path, nan_objective):
+    from clipslim.config import RunError
+
+    nan_objective.bad = set(range(3, 100))
+    recipe = _nan_recipe(tiny_shapes, steps=20, max_bad_steps=3, save_every=2)
+    with pytest.raises(RunError, match=r"3 non-finite steps in a row \(non-finite: nan_at_test_loss\)"):
+        train(recipe, tmp_path / "run", progress=False)
+    kept = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    assert kept is not None and kept.name == "step_000002"  # the last good checkpoint is intact
+    assert all(torch.isfinite(v).all() for v in load_tensors(kept / "model.safetensors").values())

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .config import ConfigError
+from .config import ConfigError, RunError
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 
@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     fn: Callable[[argparse.Namespace], None] = args.fn
     try:
         fn(args)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, RunError, FileNotFoundError, ValueError) as err:
         print(f"clipslim {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -18,6 +18,10 @@ class ConfigError(ValueError):
     """A bad recipe or option; the message starts with the dotted field name."""
 
 
+class RunError(RuntimeError):
+    """A run that cannot go on (e.g. diverged); the one-line message says why and what was kept."""
+
+
 def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 

@@ -93,11 +93,13 @@ class TrainSection:
     keep_checkpoints: int = 2
     eval_every: int = 0
     """Evaluate on data.eval every N steps (0: only at the end)."""
+    max_bad_steps: int = 5
+    """A step with a non-finite loss or gradient is skipped and counted; this many in a row stop the run."""
     local_loss: bool = False
     """Under torchrun: contrastive terms use local queries × global keys (same gradients, less memory)."""
 
     def validate(self, where: str) -> None:
-        for name in ("steps", "batch_size", "log_every", "save_every", "keep_checkpoints"):
+        for name in ("steps", "batch_size", "log_every", "save_every", "keep_checkpoints", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{where}.{name}: must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import ConfigError
+from ..config import ConfigError, RunError
 from ..distributed import DistEnv, broadcast_flag, cleanup, env_from_torchrun, init_distributed, wrap_ddp
 from ..io import atomic_write_json, atomic_write_text
 from ..recipe import Recipe, TrainSection, recipe_to_yaml
@@ -176,6 +176,7 @@ class Trainer:
         if self.resume_from is None:  # a fresh start (e.g. after a crash before the first checkpoint) logs anew
             self.metrics.rows, self.evals.rows = [], []
         self.step = 0
+        self.bad_steps, self.bad_streak = 0, 0
 
     def _prepare_run_dir(self) -> None:
         if self.env.is_main:
@@ -192,6 +193,7 @@ class Trainer:
     def _resume(self) -> None:
         state = load_checkpoint(self.resume_from, self.model, self.optimizer)
         self.step = state["step"]
+        self.bad_steps = state.get("bad_steps", 0)
         self.stream.restore(state["epoch"], state["pos"], state.get("skipped", {}))
         self.metrics.truncate_after(self.step)
         self.evals.truncate_after(self.step)
@@ -206,14 +208,19 @@ class Trainer:
             teacher_out = self.teacher(batch) if self.teacher is not None else None
             out = self.forward(batch, teacher_out)
         loss = out["loss"]
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at step {self.step}: {_terms(out)}")
         scaler = self.precision.scaler
-        (scaler.scale(loss) if scaler else loss).backward()
+        (scaler.scale(loss) if scaler else loss).backward()  # even when non-finite: DDP ranks must stay in step
         if scaler:
             scaler.unscale_(self.optimizer)
-        if self.cfg.grad_clip:
-            out["grad_norm"] = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        clip = self.cfg.grad_clip or float("inf")
+        out["grad_norm"] = nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        out["lr"] = torch.tensor(lr)
+        # fp16's loss scaler skips overflowing steps itself; otherwise a non-finite gradient means a bad step.
+        bad = not torch.isfinite(loss) or (scaler is None and not torch.isfinite(out["grad_norm"]))
+        if broadcast_flag(bool(bad)):
+            self.optimizer.zero_grad(set_to_none=True)
+            out["bad_step"] = torch.tensor(1.0)
+            return out
         if scaler:
             scaler.step(self.optimizer)
             scaler.update()
@@ -221,13 +228,29 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.model.clamp_logit_scale()
-        out["lr"] = torch.tensor(lr)
         return out
+
+    def _count_bad(self, out: dict[str, torch.Tensor]) -> None:
+        """Skip-and-count non-finite steps; stop with the culprit terms named after max_bad_steps in a row."""
+        if "bad_step" not in out:
+            self.bad_streak = 0
+            return
+        self.bad_steps += 1
+        self.bad_streak += 1
+        terms = sorted(k for k, v in out.items() if k.endswith("_loss") and not torch.isfinite(v).all())
+        log.warning("step %d skipped: non-finite %s", self.step, ", ".join(terms) or "gradients")
+        if self.bad_streak >= self.cfg.max_bad_steps:
+            kept = latest_checkpoint(self.ckpt_dir)
+            raise RunError(
+                f"stopped at step {self.step}: {self.bad_streak} non-finite steps in a row "
+                f"(non-finite: {', '.join(terms) or 'gradients'}); last good checkpoint: {kept or 'none yet'}"
+            )
 
     def save(self) -> None:
         if not self.env.is_main:  # every rank holds the same weights; one writes them
             return
         state = {"epoch": self.stream.epoch, "pos": self.stream.pos, "skipped": self.stream.skipped}
+        state["bad_steps"] = self.bad_steps
         save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer, state, self.cfg.keep_checkpoints)
 
     def evaluate(self) -> dict[str, Any] | None:
@@ -265,6 +288,7 @@ class Trainer:
                 break
             out = self.train_step(self.stream.next())
             self.step += 1
+            self._count_bad(out)
             pairs += self.cfg.batch_size * self.env.world_size
             if self.env.is_main and (self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps):
                 rate = pairs / max(time.perf_counter() - tick, 1e-9)
@@ -274,7 +298,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{row['loss']:.4f}", pairs_s=f"{rate:.0f}")
             if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.cfg.steps:
                 self.evaluate()
-            if self.step % self.cfg.save_every == 0 and self.step < self.cfg.steps:
+            if self.step % self.cfg.save_every == 0 and self.step < self.cfg.steps and not self.bad_streak:
                 self.save()
             bar.update(1)
         bar.close()
@@ -296,6 +320,7 @@ class Trainer:
         )  # fmt: skip
         results: dict[str, Any] = {"recipe": self.recipe.name, "steps": self.step, **count_params(b.model).as_dict()}
         results["skipped"] = self.stream.skipped
+        results["bad_steps"] = self.bad_steps
         results["eval"] = self.evaluate()
         atomic_write_json(self.run_dir / "results.json", results)
         skipped = sum(self.stream.skipped.values())
