@@ -8,6 +8,16 @@ import torch
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def seeded_model(arch: str):
+    """A randomly initialised model, reproducible across tests (seed 0), in eval mode."""
+    from clipslim.models import load_model
+
+    torch.manual_seed(0)
+    bundle = load_model(arch)
+    bundle.model.eval()
+    return bundle
+
+
 @pytest.fixture(scope="session")
 def tiny_shapes(tmp_path_factory) -> Path:
     from clipslim.data.shapes import write_shapes

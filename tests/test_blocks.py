@@ -7,6 +7,7 @@ import json
 import open_clip
 import pytest
 import torch
+from conftest import seeded_model
 
 from clipslim.cli import main
 from clipslim.export import export_open_clip
@@ -40,10 +41,7 @@ def _make_identity(model, kind: str, index: int) -> None:
 
 @pytest.fixture(scope="module")
 def bundle():
-    torch.manual_seed(0)
-    b = load_model("tiny-teacher")
-    b.model.eval()
-    return b
+    return seeded_model("tiny-teacher")
 
 
 @pytest.fixture(scope="module")

@@ -7,20 +7,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import seeded_model
 
 from clipslim.cli import main
 from clipslim.deploy import REPORT_FILE, OrtClip, parity
 from clipslim.deploy.compiled import check_compiler, compile_clip
 from clipslim.deploy.onnx import CONFIG_FILE, example_inputs
-from clipslim.models import load_model
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    bundle = load_model("tiny-student")
-    bundle.model.eval()
-    return bundle
+    return seeded_model("tiny-student")
 
 
 @pytest.fixture(scope="module")
