@@ -267,6 +267,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.set_defaults(fn=cmd_demo)
     _add_inherit_parsers(sub)
     _add_deploy_parsers(sub)
+    from .commands import add_all
+
+    add_all(sub)
     return p
 
 

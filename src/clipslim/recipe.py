@@ -22,6 +22,7 @@ import yaml
 from .config import ConfigError, build, to_dict
 from .objectives import get_objective, parse_config
 from .objectives.base import ObjectiveConfig
+from .tokens.schedule import TokenSection
 
 IMPORTANCE_METHODS = ("magnitude", "activation", "gradient")
 
@@ -187,6 +188,8 @@ class Recipe:
     objectives: dict[str, Any] = field(default_factory=dict)
     """name -> weight, or name -> {weight: w, <options>}. A weight of 0 turns the term off entirely."""
     train: TrainSection = field(default_factory=TrainSection)
+    tokens: TokenSection | None = None
+    """Training-time token compression (patch dropout / patch scaling) on a schedule; see clipslim.tokens."""
     stages: list[StageSection] = field(default_factory=list)
     """Multi-stage recipe (run with `clipslim stages`): each stage is a run whose student starts from the previous
     stage's student; the first stage starts from student.init (a model spec, e.g. the teacher)."""

@@ -286,6 +286,8 @@ class Trainer:
             if broadcast_flag(stop.requested):  # a signal to any rank stops all of them at the same step
                 stop.requested = True
                 break
+            for hook in self.built.hooks:
+                hook.before_step(self)
             out = self.train_step(self.stream.next())
             self.step += 1
             self._count_bad(out)

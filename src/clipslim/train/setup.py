@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -11,6 +11,7 @@ from ..config import ConfigError
 from ..distiller import Distiller, OnlineTeacher, embed_dim
 from ..models import ClipBundle, load_model
 from ..recipe import Recipe
+from .hooks import StepHook
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +22,8 @@ class Built:
     student: ClipBundle
     teacher: ClipBundle | None
     inherit_report: dict | None = None
+    hooks: list[StepHook] = field(default_factory=list)
+    """Called before every step (see :mod:`clipslim.train.hooks`)."""
 
 
 def pick_device(name: str) -> torch.device:
@@ -97,7 +100,12 @@ def build(recipe: Recipe, device: torch.device) -> Built:
     distiller = distiller.to(device)
     if teacher is not None and not distiller.needs_teacher and recipe.student.init != "inherit":
         log.info("teacher is not used by any objective; it will not run during training")
-    return Built(distiller, student, teacher, report)
+    hooks: list[StepHook] = [obj for obj in distiller.objectives.values() if isinstance(obj, StepHook)]
+    if recipe.tokens is not None:
+        from ..tokens import token_hook
+
+        hooks.append(token_hook(recipe.tokens, student.model))
+    return Built(distiller, student, teacher, report, hooks)
 
 
 def online_teacher(built: Built) -> OnlineTeacher | None:
