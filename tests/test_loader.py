@@ -162,12 +162,12 @@ def test_unreadable_shard_is_a_read_error(tmp_path: Path, clip: tuple) -> None:
     assert keys_of(batches) == ["k0"] and stats.counts == {"read_error": 1}
 
 
-def test_decompression_bomb_is_undecodable(tmp_path: Path, clip: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_decompression_bomb_is_refused(tmp_path: Path, clip: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
     _, pre_val, tokenizer = clip
     write_tar(tmp_path / "a.tar", [good_sample("small", 0, size=32), good_sample("big", 1, size=64)])
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # 64x64 only warns (< 2x), which must count as well
     batches, stats = run_epoch(make_loader(tmp_path, pre_val, tokenizer, 2, train=False))
-    assert keys_of(batches) == ["small"] and stats.counts == {"undecodable_image": 1}
+    assert keys_of(batches) == ["small"] and stats.counts == {"oversized_image": 1}
 
 
 def test_csv_loader(tmp_path: Path, clip: tuple) -> None:

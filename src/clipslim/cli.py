@@ -73,7 +73,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     datasets = [open_eval_data(d) for d in args.data]
     plan = _eval_plan(datasets, parse_tasks(args.task) if args.task else None, bool(args.fewshot_k))
-    opts = RunOptions(batch_size=args.batch_size, device=args.device, fewshot_ks=args.fewshot_k or (-1,))
+    opts = RunOptions(
+        batch_size=args.batch_size, device=args.device, fewshot_ks=args.fewshot_k or (-1,),
+        max_bad_fraction=args.max_bad_fraction,
+    )  # fmt: skip
     all_results: dict = {}
     for spec in args.model:
         bundle = load_model(spec, device=args.device)
@@ -244,6 +247,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--task", help="comma list of zeroshot, retrieval, linear_probe (default: what each dataset supports, no probe)"
     )
+    e.add_argument(
+        "--max-bad-fraction", type=float, default=0.1,
+        help="stop with an error when more than this fraction of eval samples is unusable (default 0.1)",
+    )  # fmt: skip
     e.add_argument("--fewshot-k", type=int, nargs="+", metavar="K", help="linear probe, K samples per class (-1: all)")
     e.set_defaults(fn=cmd_eval)
 

@@ -12,6 +12,7 @@ import math
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .distributed import gather_outputs
@@ -43,6 +44,21 @@ class OnlineTeacher:
     @torch.no_grad()
     def __call__(self, batch: dict[str, Any]) -> Outputs:
         return encode(self.model, batch["image"], batch["text"])
+
+
+class CachedTeacher:
+    """Teacher outputs read from the batch (``teacher_image`` / ``teacher_text``, stored by `clipslim cache-teacher`)
+    at the teacher's own logit scale: distillation without a teacher forward."""
+
+    def __init__(self, logit_scale: float, logit_bias: float | None = None) -> None:
+        self.logit_scale, self.logit_bias = logit_scale, logit_bias
+
+    def __call__(self, batch: dict[str, Any]) -> Outputs:
+        image = F.normalize(batch["teacher_image"].float(), dim=-1)  # stored in fp16/bf16: re-normalise
+        text = F.normalize(batch["teacher_text"].float(), dim=-1)
+        scale = torch.tensor(self.logit_scale, device=image.device)
+        bias = None if self.logit_bias is None else torch.tensor(self.logit_bias, device=image.device)
+        return Outputs(image=image, text=text, logit_scale=scale, logit_bias=bias)
 
 
 @runtime_checkable

@@ -66,12 +66,22 @@ class DataSection:
     num_workers: int = 1
     augment: bool = False
     """Use open_clip's random-crop training transform instead of the deterministic eval transform."""
+    teacher_cache: str | None = None
+    """A directory written by `clipslim cache-teacher` for these shards: training replays its stored augmentations
+    and reads the teacher's embeddings instead of running the teacher (MobileCLIP's dataset reinforcement)."""
+    max_bad_fraction: float = 0.1
+    """Stop with an error when more than this fraction of the samples read so far were skipped as bad (after the
+    first 4 batches): a run on mostly broken data would train on almost nothing and look fine."""
 
     def validate(self, where: str) -> None:
         if not self.train:
             raise ConfigError(f"{where}.train: required (path to training shards or CSV)")
         if self.num_workers < 0:
             raise ConfigError(f"{where}.num_workers: must be >= 0, got {self.num_workers}")
+        if self.teacher_cache is not None and (self.augment or self.train.lower().endswith(".csv")):
+            raise ConfigError(f"{where}.teacher_cache: needs .tar shards and augment: false (the cache has the views)")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ConfigError(f"{where}.max_bad_fraction: must be in [0, 1], got {self.max_bad_fraction}")
 
 
 @dataclass
@@ -217,8 +227,8 @@ class Recipe:
         if not specs:
             raise ConfigError("objectives: at least one objective needs a weight > 0")
         needs = [s.name for s in specs if get_objective(s.name).needs_teacher]
-        if needs and not self.teacher:
-            raise ConfigError(f"teacher: required by objective(s) {', '.join(needs)}")
+        if needs and not (self.teacher or self.data.teacher_cache):
+            raise ConfigError(f"teacher: required by objective(s) {', '.join(needs)} (or data.teacher_cache)")
         if self.student.inherits and not (self.teacher or self.student.inherit_from):
             raise ConfigError(f"student.init: '{self.student.init}' needs a teacher or student.inherit_from")
         if self.stages:

@@ -26,13 +26,16 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import webdataset as wds
 from braceexpand import braceexpand
 from PIL import Image
 from torch.utils.data import DataLoader
+
+if TYPE_CHECKING:
+    from .teacher_cache import TeacherCache
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +47,21 @@ SKIP_KINDS = (
     "bad_caption_encoding",
     "truncated_member",
     "read_error",
+    "missing_shard",
+    "oversized_caption",
+    "oversized_image",
+    "tiny_image",
 )
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "image")
 CAPTION_KEYS = ("txt", "text", "caption")
 TRUNCATION_MARKERS = ("unexpected end of data", "truncated header", "empty header", "end of file")
 CSV_COLUMNS = ("filepath", "caption")
+MAX_CAPTION_BYTES = 16_384
+"""Longer captions are junk (scraped page text); the tokenizer would keep only the first 77 tokens anyway."""
+MAX_IMAGE_PIXELS = 64_000_000
+"""Decompression-bomb guard: images are refused from their header, before any pixels are decoded."""
+MIN_IMAGE_SIDE = 8
+"""Images thinner than this (tracking pixels, 1x1 placeholders) carry nothing to learn from."""
 
 
 class DataError(ValueError):
@@ -76,6 +89,17 @@ class SkipStats:
         kinds = sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0]))
         noun = "sample" if self.total == 1 else "samples"
         return f"skipped {self.total} bad {noun}: " + ", ".join(f"{k}={n}" for k, n in kinds)
+
+
+def check_bad_fraction(skipped: dict[str, int], good: int, limit: float, where: str) -> None:
+    """Raise a one-line DataError when more than ``limit`` of the samples read (good + skipped) were bad."""
+    stats = SkipStats(dict(skipped))
+    total = good + stats.total
+    if total and stats.total / total > limit:
+        raise DataError(
+            f"{where}: {stats.total} of {total} samples read were bad ({stats.total / total:.0%} > limit {limit:.0%}; "
+            f"{stats.summary().removeprefix('skipped ')}); fix or drop the broken files, or raise the limit"
+        )
 
 
 class _SkipCounter:
@@ -112,9 +136,9 @@ def resolve_shards(data: str | Path) -> list[str]:
         found = [p for p in expanded if Path(p).is_file()]
         if not found:
             raise DataError(f"data path not found: {text}")
-        if len(found) < len(expanded):
+        if len(found) < len(expanded):  # kept in the list: the reader counts each as a missing_shard
             log.warning("%s: %d of %d shards are missing", text, len(expanded) - len(found), len(expanded))
-        return found
+        return expanded
     path = Path(text)
     if path.is_dir():
         shards = sorted(str(p) for p in path.glob("*.tar"))
@@ -245,6 +269,9 @@ def _tar_samples(shards: Iterable[dict[str, Any]], counter: _SkipCounter) -> Ite
     """webdataset's tar reader, one shard at a time, so a broken shard counts once (tarfile often raises twice)
     and the incomplete sample it ends on is dropped as part of that damage rather than counted again."""
     for shard in shards:
+        if "://" not in shard["url"] and not Path(shard["url"]).is_file():
+            counter.bump("missing_shard")
+            continue
         errors: list[BaseException] = []
 
         def keep_going(exn: BaseException, errors: list[BaseException] = errors) -> bool:
@@ -287,14 +314,21 @@ def _seeded_shuffle(src: Iterator[dict], bufsize: int, seed: str) -> Iterator[di
     yield from wds.shuffle(bufsize, initial=bufsize, rng=rng)(src)
 
 
-def _open_image(data: bytes) -> Image.Image | None:
+def _open_image(data: bytes) -> Image.Image | str:
+    """The RGB image, or the skip kind; the size is checked from the header before any pixel is decoded."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
+                if img.width * img.height > MAX_IMAGE_PIXELS:
+                    return "oversized_image"
+                if min(img.size) < MIN_IMAGE_SIDE:
+                    return "tiny_image"
                 return img.convert("RGB")
-    except Exception:  # PIL raises OSError, ValueError, SyntaxError, bomb errors, ... on bad input
-        return None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return "oversized_image"
+    except Exception:  # PIL raises OSError, ValueError, SyntaxError, ... on bad input
+        return "undecodable_image"
 
 
 def _meta(raw: Any) -> dict[str, Any]:
@@ -314,6 +348,8 @@ def _parse(sample: dict[str, Any]) -> tuple[Image.Image, str, dict[str, Any]] | 
     raw = _first(sample, CAPTION_KEYS)
     if raw is None:
         return "missing_caption"
+    if len(raw) > MAX_CAPTION_BYTES:
+        return "oversized_caption"
     try:
         caption = raw if isinstance(raw, str) else bytes(raw).decode("utf-8")
     except UnicodeDecodeError:
@@ -321,8 +357,8 @@ def _parse(sample: dict[str, Any]) -> tuple[Image.Image, str, dict[str, Any]] | 
     if not caption.strip():
         return "empty_caption"
     image = _open_image(data)
-    if image is None:
-        return "undecodable_image"
+    if isinstance(image, str):
+        return image
     return image, caption.strip(), _meta(sample.get("json"))
 
 
@@ -355,6 +391,16 @@ def _decode(
         image, caption, meta = parsed
         tensor = preprocess(image) if rng is None else rng.run(preprocess, image)
         yield {"image": tensor, "caption": caption, "key": str(sample.get("__key__", "")), "meta": meta}
+
+
+def _decode_cached(src: Iterator[dict], cache: TeacherCache, counter: _SkipCounter, seed: str) -> Iterator[dict]:
+    """Cached-teacher mode: the student sees the stored augmentation's pixels, which the teacher saw when caching."""
+    for sample in src:
+        parsed = _parse(sample)
+        if isinstance(parsed, str):
+            counter.bump(parsed)
+            continue
+        yield cache.replay(str(sample.get("__url__", "")), str(sample.get("__key__", "")), *parsed, seed=seed)
 
 
 def _collate(samples: list[dict[str, Any]], tokenizer: Callable, counter: _SkipCounter) -> dict[str, Any]:
@@ -421,6 +467,7 @@ def make_loader(
     rank: int = 0,
     world_size: int = 1,
     shuffle_buffer: int = 1000,
+    teacher_cache: TeacherCache | None = None,
 ) -> DataLoader:
     """One epoch of batches ``{"image", "text", "key", "meta", "skipped"}`` from shards or a CSV.
 
@@ -429,6 +476,8 @@ def make_loader(
     Otherwise file order (interleaved batch by batch across workers) and the last partial batch is kept.
     ``rank``/``world_size`` take every world_size-th shard (or row) for distributed runs without touching
     torch.distributed.
+    ``teacher_cache``: ``preprocess`` is replaced by replaying the stored augmentation that (seed, epoch) picks for
+    each sample, and batches also hold the teacher's ``teacher_image`` / ``teacher_text`` embeddings.
     """
     if batch_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size (got {batch_size}, {rank}, {world_size})")
@@ -443,11 +492,14 @@ def make_loader(
         stages.append(partial(_tar_samples, counter=counter))
         if stream_seed is not None and shuffle_buffer > 1:
             stages.append(partial(_seeded_shuffle, bufsize=shuffle_buffer, seed=stream_seed))
+    decode = partial(_decode, preprocess=preprocess, counter=counter, seed=stream_seed)
+    collate = partial(_collate, tokenizer=tokenizer, counter=counter)
+    if teacher_cache is not None:
+        decode = partial(_decode_cached, cache=teacher_cache, counter=counter, seed=f"{seed}:{epoch}")
+        collate = partial(teacher_cache.collate, base=collate)
     stages += [
-        partial(_decode, preprocess=preprocess, counter=counter, seed=stream_seed),
-        wds.batched(
-            batch_size, collation_fn=partial(_collate, tokenizer=tokenizer, counter=counter), partial=not train
-        ),
+        decode,
+        wds.batched(batch_size, collation_fn=collate, partial=not train),
         partial(_flush_tail, counter=counter),
     ]
     # DataLoader draws its workers' base seed from this generator, not from (and advancing) the global torch RNG.

@@ -16,7 +16,7 @@ The datasets here yield what CLIP_benchmark's metric functions expect (``(image,
 
 from __future__ import annotations
 
-import io
+import logging
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -27,23 +27,29 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
 from clipslim.data.loader import (
     CAPTION_KEYS,
     IMAGE_KEYS,
+    MAX_CAPTION_BYTES,
     DataError,
+    SkipStats,
     _first,
+    _open_image,
     _read_csv,
     _SkipCounter,
     _tar_samples,
+    check_bad_fraction,
     resolve_shards,
 )
 from clipslim.eval.linear_probe import linear_probe
 from clipslim.eval.retrieval import retrieval_metrics
 from clipslim.eval.run import RECALL_KS, classification_masks, encode_batches, evaluate_features
 from clipslim.eval.zeroshot import autocast_ctx, build_classifier, zeroshot_metrics
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # The 7-template ensemble the CLIP authors recommend for ImageNet (CLIP's Prompt_Engineering notebook).
@@ -79,12 +85,24 @@ def _read_lines(path: Path) -> list[str]:
         raise DataError(f"{path}: not UTF-8 text") from err
 
 
-def _open_rgb(data: bytes | Path, name: str) -> Image.Image:
+def _open_rgb(data: bytes | Path, skipped: dict[str, int]) -> Image.Image | None:
+    """The RGB image, or None after counting why it is unusable (same kinds and guards as training data)."""
     try:
-        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
-            return img.convert("RGB")
-    except Exception as err:  # PIL raises many types for one cause: a bad file
-        raise DataError(f"{name}: cannot decode image ({type(err).__name__})") from err
+        raw = data if isinstance(data, bytes) else data.read_bytes()
+    except OSError:
+        kind: Image.Image | str = "read_error"
+    else:
+        kind = _open_image(raw)
+    if isinstance(kind, str):
+        skipped[kind] = skipped.get(kind, 0) + 1
+        return None
+    return kind
+
+
+def _drop_bad(batch: list[tuple[Any, Any]]) -> Any:
+    """Collate without the samples whose image could not be used (counted by the dataset); None if none is left."""
+    good = [b for b in batch if b[0] is not None]
+    return default_collate(good) if good else None
 
 
 # ---------------------------------------------------------------- ImageFolder
@@ -113,6 +131,7 @@ class ImageFolderSet(Dataset):
 
     def __init__(self, root: str | Path, transform: Callable | None = None, meta_dir: str | Path | None = None):
         self.root, self.transform = Path(root), transform
+        self.skipped: dict[str, int] = {}  # bad images, counted as they are read (num_workers=0)
         meta = Path(meta_dir) if meta_dir is not None else self.root
         dirs = _class_dirs(self.root)
         if not dirs:
@@ -140,7 +159,9 @@ class ImageFolderSet(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Any, int]:
         path, label = self.samples[i]
-        image = _open_rgb(path, str(path))
+        image = _open_rgb(path, self.skipped)
+        if image is None:
+            return None, label
         return (self.transform(image) if self.transform else image), label
 
     @property
@@ -171,6 +192,9 @@ def _wds_items(data: str | Path, skipped: dict[str, int]) -> list[tuple[bytes, l
         image, raw = _first(sample, IMAGE_KEYS), _first(sample, CAPTION_KEYS)
         if image is None or raw is None:
             counter.bump("missing_image" if image is None else "missing_caption")
+            continue
+        if len(raw) > MAX_CAPTION_BYTES:
+            counter.bump("oversized_caption")
             continue
         try:
             text = raw if isinstance(raw, str) else bytes(raw).decode("utf-8")
@@ -205,13 +229,17 @@ class RetrievalSet(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Any, list[str]]:
         source, captions = self.items[i]
-        image = _open_rgb(source, str(source) if isinstance(source, Path) else f"sample {i}")
+        image = _open_rgb(source, self.skipped)
+        if image is None:
+            return None, captions
         return (self.transform(image) if self.transform else image), captions
 
     @staticmethod
     def collate(batch: Sequence[tuple[torch.Tensor, list[str]]]) -> tuple[torch.Tensor, list[list[str]]]:
-        """Images stacked, captions kept as one list per image (CLIP_benchmark's ``image_captions_collate_fn``)."""
-        return torch.stack([b[0] for b in batch]), [b[1] for b in batch]
+        """Images stacked, captions kept as one list per image (CLIP_benchmark's ``image_captions_collate_fn``);
+        samples whose image was unusable are left out, and a batch with none left is None."""
+        good = [b for b in batch if b[0] is not None]
+        return (torch.stack([b[0] for b in good]), [b[1] for b in good]) if good else None
 
 
 # ---------------------------------------------------------------- detection
@@ -271,7 +299,10 @@ def encode_images(
     was_training, feats, labels = model.training, [], []
     model.eval()
     try:
-        for images, target in tqdm(loader, desc="images", unit="batch", disable=not progress, leave=False):
+        for batch in tqdm(loader, desc="images", unit="batch", disable=not progress, leave=False):
+            if batch is None:
+                continue
+            images, target = batch
             with autocast_ctx(device, amp):
                 emb = model.encode_image(images.to(device))
             feats.append(F.normalize(emb.float(), dim=-1).cpu())
@@ -294,7 +325,10 @@ def encode_retrieval(
     was_training, images_out, texts_out, t2i, base = model.training, [], [], [], 0
     model.eval()
     try:
-        for images, captions in tqdm(loader, desc="retrieval", unit="batch", disable=not progress, leave=False):
+        for batch in tqdm(loader, desc="retrieval", unit="batch", disable=not progress, leave=False):
+            if batch is None:
+                continue
+            images, captions = batch
             flat = [c for caps in captions for c in caps]
             t2i += [base + i for i, caps in enumerate(captions) for _ in caps]
             base += len(captions)
@@ -320,6 +354,8 @@ class RunOptions:
     fewshot_ks: Sequence[int] = (-1,)
     progress: bool = True
     seed: int = 0
+    max_bad_fraction: float = 0.1
+    """More bad (skipped) samples than this fraction make the numbers meaningless: stop with an error instead."""
 
     @property
     def use_amp(self) -> bool:
@@ -376,11 +412,12 @@ def _shapes_tasks(bundle: Any, data: EvalData, tasks: Sequence[str], opts: RunOp
         x_test, y_test = _labelled(feats)
         seen = torch.isin(y_test, y_train)  # held-out classes have no training images: a probe cannot know them
         out.update(_probes((x_train, y_train), (x_test[seen], y_test[seen]), opts))
-    return {"tasks": out, "skipped": skipped}
+    good = len(feats.image) + (len(train.image) if "linear_probe" in tasks else 0)
+    return {"tasks": out, "skipped": skipped, "good": good}
 
 
 def _folder_features(bundle: Any, folder: ImageFolderSet, opts: RunOptions) -> tuple[torch.Tensor, torch.Tensor]:
-    loader = DataLoader(folder, batch_size=opts.batch_size, num_workers=0)
+    loader = DataLoader(folder, batch_size=opts.batch_size, num_workers=0, collate_fn=_drop_bad)
     return encode_images(bundle.model, loader, device=opts.device, amp=opts.use_amp, progress=opts.progress)
 
 
@@ -398,8 +435,11 @@ def _imagefolder_tasks(bundle: Any, data: EvalData, tasks: Sequence[str], opts: 
         train = ImageFolderSet(data.splits["train"], bundle.preprocess_val, meta_dir=data.path)
         if train.folders != test.folders:
             raise DataError(f"{data.path}: train and {data.splits['test'].name} have different class folders")
-        out.update(_probes(_folder_features(bundle, train, opts), (x_test, y_test), opts))
-    return {"tasks": out, "skipped": {}}
+        train_xy = _folder_features(bundle, train, opts)
+        out.update(_probes(train_xy, (x_test, y_test), opts))
+        skipped = {k: test.skipped.get(k, 0) + train.skipped.get(k, 0) for k in {*test.skipped, *train.skipped}}
+        return {"tasks": out, "skipped": skipped, "good": len(x_test) + len(train_xy[0])}
+    return {"tasks": out, "skipped": dict(test.skipped), "good": len(x_test)}
 
 
 def _retrieval_tasks(bundle: Any, data: EvalData, tasks: Sequence[str], opts: RunOptions) -> dict[str, Any]:
@@ -408,7 +448,7 @@ def _retrieval_tasks(bundle: Any, data: EvalData, tasks: Sequence[str], opts: Ru
     loader = DataLoader(ds, batch_size=opts.batch_size, num_workers=0, collate_fn=RetrievalSet.collate)
     img, txt, t2i = encode_retrieval(model, bundle.tokenizer, loader, opts.device, opts.use_amp, opts.progress)
     metrics = {**retrieval_metrics(img, txt, t2i, ks=RECALL_KS), "n": len(img), "n_captions": len(txt)}
-    return {"tasks": {"zeroshot_retrieval": metrics}, "skipped": dict(ds.skipped)}
+    return {"tasks": {"zeroshot_retrieval": metrics}, "skipped": dict(ds.skipped), "good": len(img)}
 
 
 _RUNNERS = {"shapes": _shapes_tasks, "imagefolder": _imagefolder_tasks, "retrieval": _retrieval_tasks}
@@ -426,4 +466,9 @@ def evaluate_data(
     unsupported = [t for t in tasks if t not in data.tasks]
     if unsupported:
         raise DataError(f"{data.path}: {data.kind} data does not support {', '.join(unsupported)}")
-    return _RUNNERS[data.kind](bundle, data, tasks, opts or RunOptions())
+    opts = opts or RunOptions()
+    result = _RUNNERS[data.kind](bundle, data, tasks, opts)
+    check_bad_fraction(result["skipped"], result.pop("good"), opts.max_bad_fraction, f"eval data {data.path}")
+    if result["skipped"]:
+        log.warning("%s: %s", data.path, SkipStats(dict(result["skipped"])).summary())
+    return result

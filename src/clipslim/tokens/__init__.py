@@ -1,13 +1,77 @@
-"""Token compression: training-time patch dropout / patch scaling on a schedule, inference-time token pruning."""
+"""Token compression: training-time patch dropout / patch scaling on a schedule, inference-time token pruning.
+
+Training: a ``tokens:`` recipe section (:class:`TokenSection`) becomes a step hook (:func:`token_hook`) that sets
+the student ViT's dropout ratio and patch scale before every step. Inference: :func:`clipslim.tokens.prune.
+apply_token_pruning` keeps the top tokens after a chosen block. Both are transforms applied to a stock open_clip
+model; neither changes its state dict.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from typing import TYPE_CHECKING
 
 from torch import nn
 
-from .schedule import TokenSection
+from .schedule import TokenPhase, TokenSection
+
+if TYPE_CHECKING:
+    from ..train.loop import Trainer
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TokenCompression", "TokenPhase", "TokenSection", "token_hook"]
 
 
-def token_hook(section: TokenSection, model: nn.Module) -> Any:
-    raise NotImplementedError("tokens: training-time token compression is not built yet")
+class TokenCompression:
+    """Patch dropout + patch scaling installed on one open_clip ViT; :meth:`set` changes both at once."""
+
+    def __init__(self, visual: nn.Module, kernel_resize: str = "pinv") -> None:
+        from .dropout import ScheduledPatchDropout
+        from .patch_scale import PatchScaler, check_scalable
+
+        check_scalable(visual, 1)
+        self.visual = visual
+        self.dropout = ScheduledPatchDropout()
+        visual.patch_dropout = self.dropout
+        self.scaler = PatchScaler(visual, kernel_resize).install()
+
+    def set(self, patch_dropout: float, patch_scale: int) -> None:
+        self.dropout.ratio = patch_dropout
+        self.scaler.scale = patch_scale
+
+    @property
+    def setting(self) -> tuple[float, int]:
+        return self.dropout.ratio, self.scaler.scale
+
+    def remove(self) -> None:
+        """Back to the stock forward (open_clip's own no-op dropout)."""
+        self.visual.patch_dropout = nn.Identity()
+        self.scaler.remove()
+
+
+class TokenScheduleHook:
+    """Step hook: before each step, put the phase of ``section`` for that step into force."""
+
+    def __init__(self, section: TokenSection, compression: TokenCompression) -> None:
+        self.section, self.compression = section, compression
+
+    def before_step(self, trainer: Trainer) -> None:
+        phase = self.section.at(trainer.step, trainer.cfg.steps)
+        setting = (phase.patch_dropout, phase.patch_scale)
+        if setting != self.compression.setting:
+            log.info("step %d: patch dropout %.2f, patch scale %dx", trainer.step, *setting)
+            self.compression.set(*setting)
+
+
+def token_hook(section: TokenSection, model: nn.Module) -> TokenScheduleHook:
+    """Install token compression on ``model.visual`` and return the hook that schedules it (errors name the field)."""
+    from ..config import ConfigError
+    from .patch_scale import check_scalable
+
+    visual = getattr(model, "visual", None)
+    if visual is None:
+        raise ConfigError("tokens: the student has no image tower (model.visual)")
+    for i, phase in enumerate(section.phases()):
+        check_scalable(visual, phase.patch_scale, f"tokens.schedule[{i}]")
+    return TokenScheduleHook(section, TokenCompression(visual, section.kernel_resize))

@@ -35,10 +35,14 @@ def save_checkpoint(
         shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp-step_{step:06d}"
     tmp.mkdir()
-    save_tensors(tmp / "model.safetensors", module.state_dict())
-    torch.save({"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, tmp / "optim.pt")
-    atomic_write_json(tmp / "state.json", {**state, "step": step})
-    _fsync_dir(tmp)
+    try:
+        save_tensors(tmp / "model.safetensors", module.state_dict())
+        torch.save({"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, tmp / "optim.pt")
+        atomic_write_json(tmp / "state.json", {**state, "step": step})
+        _fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # e.g. disk full: free what we took; the previous checkpoint stands
+        raise
     final = _step_dir(root, step)
     if final.exists():
         shutil.rmtree(final)

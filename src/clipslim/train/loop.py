@@ -29,7 +29,7 @@ from ..io import atomic_write_json, atomic_write_text
 from ..recipe import Recipe, TrainSection, recipe_to_yaml
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .metrics_log import CsvLog
-from .setup import Built, build, online_teacher, pick_device
+from .setup import Built, build, pick_device, teacher_source
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,8 @@ class BatchStream:
         self.recipe, self.device, self.built, self.env = recipe, device, built, env
         self.epoch, self.pos = 0, 0
         self.skipped: dict[str, int] = {}
+        self.good = 0  # samples delivered since the start (or the resume), for the bad-fraction check
+        self.skipped_at_start: dict[str, int] = {}
         self._it: Iterator[dict[str, Any]] | None = None
 
     def _loader(self) -> Iterator[dict[str, Any]]:
@@ -77,13 +79,27 @@ class BatchStream:
             make_loader(
                 d.train, preprocess, b.tokenizer, self.recipe.train.batch_size, train=True,
                 seed=self.recipe.train.seed, epoch=self.epoch, num_workers=d.num_workers,
-                rank=self.env.rank, world_size=self.env.world_size,
+                rank=self.env.rank, world_size=self.env.world_size, teacher_cache=self.built.teacher_cache,
             )
         )  # fmt: skip
+
+    def _count(self, batch: dict[str, Any]) -> None:
+        """Tally skipped samples; past the first 4 batches, too many bad ones stop the run (data.max_bad_fraction)."""
+        from ..data.loader import check_bad_fraction
+
+        for kind, n in batch.get("skipped", {}).items():
+            self.skipped[kind] = self.skipped.get(kind, 0) + n
+        self.good += len(batch["image"])
+        if self.good >= 4 * self.recipe.train.batch_size:
+            fresh = {k: v - self.skipped_at_start.get(k, 0) for k, v in self.skipped.items()}
+            check_bad_fraction(
+                fresh, self.good, self.recipe.data.max_bad_fraction, f"data.train ({self.recipe.data.train})"
+            )
 
     def restore(self, epoch: int, pos: int, skipped: dict[str, int]) -> None:
         """Re-open epoch ``epoch`` and skip the ``pos`` batches already trained on."""
         self.epoch, self.skipped = epoch, dict(skipped)
+        self.skipped_at_start = dict(skipped)
         self._it = self._loader()
         for _ in range(pos):
             next(self._it)
@@ -101,8 +117,7 @@ class BatchStream:
                 self._it, self.epoch, self.pos = None, self.epoch + 1, 0
                 continue
             self.pos += 1
-            for kind, n in batch.get("skipped", {}).items():
-                self.skipped[kind] = self.skipped.get(kind, 0) + n
+            self._count(batch)
             return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         raise ConfigError(
             f"data.train: {self.recipe.data.train} gave no full batch of {self.recipe.train.batch_size} pairs "
@@ -165,7 +180,7 @@ class Trainer:
         self.built = build(recipe, self.device)
         self.model = self.built.distiller
         self.forward = wrap_ddp(self.model, self.device)  # DDP also syncs every objective's extras
-        self.teacher = online_teacher(self.built)
+        self.teacher = teacher_source(self.built)  # online, cached (no teacher forward) or None
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, self.cfg.weight_decay), lr=self.cfg.lr, betas=self.cfg.betas, eps=self.cfg.eps
         )
@@ -246,12 +261,21 @@ class Trainer:
                 f"(non-finite: {', '.join(terms) or 'gradients'}); last good checkpoint: {kept or 'none yet'}"
             )
 
-    def save(self) -> None:
+    def save(self, required: bool = True) -> None:
+        """Write a checkpoint. A failed periodic one (``required=False``, e.g. disk full) is logged and training goes
+        on with the previous checkpoint intact; a failed final or on-signal one stops with a RunError."""
         if not self.env.is_main:  # every rank holds the same weights; one writes them
             return
         state = {"epoch": self.stream.epoch, "pos": self.stream.pos, "skipped": self.stream.skipped}
         state["bad_steps"] = self.bad_steps
-        save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer, state, self.cfg.keep_checkpoints)
+        try:
+            save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer, state, self.cfg.keep_checkpoints)
+        except OSError as err:
+            kept = latest_checkpoint(self.ckpt_dir)
+            msg = f"checkpoint at step {self.step} not written ({err}); last good checkpoint: {kept or 'none yet'}"
+            if required:
+                raise RunError(msg) from err
+            log.error("%s; training goes on and retries at the next save", msg)
 
     def evaluate(self) -> dict[str, Any] | None:
         if not self.recipe.data.eval or not self.env.is_main:
@@ -268,13 +292,28 @@ class Trainer:
         self._prepare_run_dir()
         try:
             with _StopFlag() as stop:
-                self._loop(stop)
+                self._loop_saving_on_data_error(stop)
                 if stop.requested:
                     self.save()
                     return {"stopped_at": self.step}
             return self.finish()
         finally:
             cleanup()
+
+    def _loop_saving_on_data_error(self, stop: _StopFlag) -> None:
+        """Too much bad data stops the run, but the steps trained so far are good: keep them in a checkpoint."""
+        from ..data.loader import DataError
+
+        try:
+            self._loop(stop)
+        except DataError as err:
+            if self.step and self.step != (self._saved_step() or 0):
+                self.save()
+            raise DataError(f"{err} [stopped at step {self.step}; checkpoint kept, --resume continues]") from err
+
+    def _saved_step(self) -> int | None:
+        latest = latest_checkpoint(self.ckpt_dir)
+        return int(latest.name.removeprefix("step_")) if latest else None
 
     def _loop(self, stop: _StopFlag) -> None:
         show = self.progress and self.env.is_main
@@ -301,7 +340,7 @@ class Trainer:
             if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.cfg.steps:
                 self.evaluate()
             if self.step % self.cfg.save_every == 0 and self.step < self.cfg.steps and not self.bad_streak:
-                self.save()
+                self.save(required=False)
             bar.update(1)
         bar.close()
 

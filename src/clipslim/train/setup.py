@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..config import ConfigError
-from ..distiller import Distiller, OnlineTeacher, embed_dim
+from ..distiller import CachedTeacher, Distiller, OnlineTeacher, embed_dim
 from ..models import ClipBundle, load_model
 from ..recipe import Recipe
 from .hooks import StepHook
+
+if TYPE_CHECKING:
+    from ..data.teacher_cache import TeacherCache
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +28,8 @@ class Built:
     inherit_report: dict | None = None
     hooks: list[StepHook] = field(default_factory=list)
     """Called before every step (see :mod:`clipslim.train.hooks`)."""
+    teacher_cache: TeacherCache | None = None
+    """data.teacher_cache, validated: teacher embeddings come from it and the teacher never runs."""
 
 
 def pick_device(name: str) -> torch.device:
@@ -87,12 +93,16 @@ def build(recipe: Recipe, device: torch.device) -> Built:
     """Load teacher and student, inherit if asked, and wrap the student with its objectives."""
     if recipe.stages:
         raise ConfigError("stages: a multi-stage recipe runs with `clipslim stages` (clipslim.inherit.run_stages)")
-    teacher = load_model(recipe.teacher) if recipe.teacher else None
+    cached = recipe.data.teacher_cache is not None
+    load_teacher = recipe.teacher and (not cached or (recipe.student.inherits and not recipe.student.inherit_from))
+    teacher = load_model(recipe.teacher) if load_teacher else None
     student, report = build_student(recipe, teacher)
+    cache = _open_cache(recipe, student, teacher) if cached else None
+    teacher = None if cached else teacher  # cached mode: loaded only to inherit from, never run
     if teacher is not None:
         _check_pairing(teacher, student)
         teacher.model.to(device).eval().requires_grad_(False)
-    t_dim = embed_dim(teacher.model) if teacher else None
+    t_dim = cache.embed_dim if cache else embed_dim(teacher.model) if teacher else None
     distiller = Distiller(student.model, recipe.objective_specs(), t_dim, recipe.train.local_loss)
     for objective in distiller.objectives.values():
         if hasattr(objective, "attach"):  # e.g. l0_sparsity: masks that gate the student's own forward
@@ -105,10 +115,29 @@ def build(recipe: Recipe, device: torch.device) -> Built:
         from ..tokens import token_hook
 
         hooks.append(token_hook(recipe.tokens, student.model))
-    return Built(distiller, student, teacher, report, hooks)
+    return Built(distiller, student, teacher, report, hooks, cache)
 
 
-def online_teacher(built: Built) -> OnlineTeacher | None:
-    if built.teacher is None or not built.distiller.needs_teacher:
+def _open_cache(recipe: Recipe, student: ClipBundle, teacher: ClipBundle | None) -> TeacherCache:
+    """Check data.teacher_cache against the data, the recipe's teacher and the student before any compute."""
+    from ..data.teacher_cache import check_teacher_weights, open_teacher_cache
+
+    assert recipe.data.teacher_cache is not None
+    size = student.model_cfg.get("vision_cfg", {}).get("image_size")
+    pre = student.preprocess_cfg
+    cache = open_teacher_cache(
+        recipe.data.teacher_cache, recipe.data.train, image_size=size, mean=pre["mean"], std=pre["std"],
+        teacher=recipe.teacher,
+    )  # fmt: skip
+    if teacher is not None:
+        check_teacher_weights(cache, teacher.model)
+    return cache
+
+
+def teacher_source(built: Built) -> OnlineTeacher | CachedTeacher | None:
+    """Where teacher outputs come from: the cache (no teacher forward), the online teacher, or nowhere."""
+    if not built.distiller.needs_teacher:
         return None
-    return OnlineTeacher(built.teacher.model)
+    if built.teacher_cache is not None:
+        return CachedTeacher(built.teacher_cache.logit_scale, built.teacher_cache.logit_bias)
+    return None if built.teacher is None else OnlineTeacher(built.teacher.model)
