@@ -350,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         fn(args)
     except (ConfigError, RunError, FileNotFoundError, ValueError) as err:
-        print(f"clipslim {args.command}: error: {err}", file=sys.stderr)
+        message = str(err).encode("utf-8", "backslashreplace").decode("utf-8")  # e.g. lone surrogates from YAML
+        print(f"clipslim {args.command}: error: {message}", file=sys.stderr)
         return 2
     return 0
 

@@ -13,6 +13,8 @@ Everything is checked by :func:`load_recipe` before any compute starts.
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -117,6 +119,14 @@ class TrainSection:
             raise ConfigError(f"{where}.lr: must be > 0, got {self.lr}")
         if self.warmup < 0 or self.eval_every < 0:
             raise ConfigError(f"{where}.warmup/eval_every: must be >= 0")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"{where}.betas: expected two numbers in [0, 1), got {list(self.betas)}")
+        if not self.eps > 0 or not self.weight_decay >= 0:
+            raise ConfigError(f"{where}.eps/weight_decay: must be > 0 / >= 0, got {self.eps} / {self.weight_decay}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ConfigError(f"{where}.grad_clip: must be > 0 or null (off), got {self.grad_clip}")
+        if not math.isfinite(self.lr) or self.lr > 10:
+            raise ConfigError(f"{where}.lr: must be a finite number <= 10, got {self.lr}")
 
 
 @dataclass
@@ -223,6 +233,8 @@ class Recipe:
         return specs
 
     def validate(self, where: str) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name) or ".." in self.name:
+            raise ConfigError(f"name: letters, digits, '.', '-', '_' only (it names the run dir), got {self.name!r}")
         specs = self.objective_specs()
         if not specs:
             raise ConfigError("objectives: at least one objective needs a weight > 0")
