@@ -126,6 +126,10 @@ def load_model(spec: str, device: str | torch.device = "cpu", precision: str = "
         except Exception as err:  # open_clip, safetensors and torch.load raise many types for one cause: bad input
             raise ModelSpecError(f"could not load model '{spec}': {err}") from err
     folder_cfg = _read_folder_cfg(resolved.model_name)
+    if folder_cfg:  # a folder written by `clipslim prune-tokens` reloads pruned (token_pruning.json beside it)
+        from .tokens.prune import load_token_pruning
+
+        load_token_pruning(model, resolved.model_name.removeprefix("local-dir:"))
     model_cfg = folder_cfg.get("model_cfg") or open_clip.get_model_config(resolved.model_name) or {}
     arch = folder_cfg.get("arch", resolved.arch)
     tokenizer = open_clip.get_tokenizer(resolved.model_name)

@@ -226,6 +226,8 @@ class SlimmableCLIP:
                     full, sub = tower_width(tower, 1.0, "leading"), tower_width(tower, ratio, "leading")
                     module = tower.module if tower.prefix else _flat_text(skel)
                     _shrink(module, full, sub, tower_geometry(tower).head_dim)
+            for param in skel.parameters():  # never read: every forward swaps in the sliced real weights
+                param.data = param.data.new_empty(0)
             self._skeletons[ratio] = skel
         return self._skeletons[ratio]
 

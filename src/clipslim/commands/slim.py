@@ -78,7 +78,6 @@ def run_slice(args: argparse.Namespace) -> None:
                       "max_abs_diff": gap}))  # fmt: skip
 
 
-
 @torch.no_grad()
 def _check(slim: Any, small: torch.nn.Module, width: float, bundle: Any) -> float:
     """Largest embedding difference between the slimmable model at ``width`` and the extracted one (random input)."""

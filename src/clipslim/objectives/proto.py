@@ -61,7 +61,8 @@ class ProtoConfig(ObjectiveConfig):
     target_temperature: float = 0.01
     """τ_tgt of the soft targets sm(C_T[y_T] C_Tᵀ / τ_tgt); <= 0 uses hard cluster labels."""
     pbt: bool = True
-    """Prototypical back translation; false compares each modality with the other's raw centroids."""
+    """Prototypical back translation; false compares each modality with the other's raw centroids. External
+    prototypes are always back-translated (they live in no student space), so unlike ProtoCLIP they work either way."""
     prototype_weight: float = 1.0
     """Weight of L_proto inside this term (ProtoCLIP --w-proto, relative to the recipe weight)."""
     external: Literal["none", "minilm", "teacher"] = "none"
@@ -81,8 +82,8 @@ class ProtoConfig(ObjectiveConfig):
             raise ConfigError(f"{where}.warmup_episodes: must be >= 0, got {self.warmup_episodes}")
         if self.prototype_weight < 0 or self.external_weight < 0:
             raise ConfigError(f"{where}.prototype_weight/external_weight: must be >= 0")
-        if self.external != "none" and not self.pbt:
-            raise ConfigError(f"{where}.external: the external teacher is back-translated, so it needs pbt: true")
+        if self.external_cache is not None and self.external == "none":
+            raise ConfigError(f"{where}.external_cache: set, but external is 'none'")
         if self.external_pca is not None and self.external_pca < 1:
             raise ConfigError(f"{where}.external_pca: must be >= 1 or null, got {self.external_pca}")
 
@@ -124,8 +125,10 @@ class ProtoObjective(Objective):
         cfg.validate(WHERE)
         if cfg.external == "teacher" and teacher_dims is None:
             raise ConfigError(f"{WHERE}.external: 'teacher' needs a recipe teacher")
-        if cfg.external_cache is not None and Path(cfg.external_cache).exists() and cfg.external == "none":
-            raise ConfigError(f"{WHERE}.external_cache: set, but external is 'none'")
+        if cfg.external_cache is not None and Path(cfg.external_cache).exists():
+            from ..proto.external import check_cache
+
+            check_cache(cfg.external_cache, f"{WHERE}.external_cache")
         d = student_dims.embed_dim
         self.image_head = projection_head(d, cfg.hidden_dim, cfg.dim)
         self.text_head = projection_head(d, cfg.hidden_dim, cfg.dim)

@@ -84,12 +84,17 @@ def sample_widths(widths: list[float], n_random: int, rng: random.Random) -> lis
     picked: list[float] = []
     if n_random >= len(middle):
         picked = middle
-    elif n_random == 2:  # Scala's stable sampling: one from each half of the intermediate range
-        half = (len(middle) + 1) // 2
-        picked = [rng.choice(middle[half:]), rng.choice(middle[:half])]
+    elif n_random == 2 and _halves(middle, (full + smallest) / 2):
+        upper, lower = _halves(middle, (full + smallest) / 2)  # Scala's stable sampling: [mid, full), (smallest, mid)
+        picked = [rng.choice(upper), rng.choice(lower)]
     elif n_random > 0:
         picked = rng.sample(middle, n_random)
     return sorted({full, smallest, *picked}, reverse=True)
+
+
+def _halves(middle: list[float], mid: float) -> tuple[list[float], list[float]] | None:
+    upper, lower = [w for w in middle if w >= mid], [w for w in middle if w < mid]
+    return (upper, lower) if upper and lower else None
 
 
 @register
@@ -101,7 +106,7 @@ class SlimmableObjective(Objective):
         super().__init__(cfg, student_dims, teacher_dims)
         self.cfg: SlimmableConfig = cfg
         cfg.validate(WHERE)
-        self.rng = random.Random(cfg.seed)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))  # checkpointed: resumes draw the same widths
         self.slim: SlimmableCLIP | None = None
         self.last_widths: list[float] = []
 
@@ -127,7 +132,10 @@ class SlimmableObjective(Objective):
             raise RuntimeError("slimmable: attach(student_model) must be called before training")
         if student.rows is not None or student.image.shape[0] != batch["image"].shape[0]:
             raise ConfigError(f"{WHERE}: multi-process (torchrun) training is not supported yet")
-        active = sample_widths(self.slim.widths, self.cfg.n_random, self.rng)
+        rng = random.Random(self.cfg.seed * 1_000_003 + int(self.calls))
+        if self.training:
+            self.calls += 1
+        active = sample_widths(self.slim.widths, self.cfg.n_random, rng)
         self.last_widths = active
         full = Outputs(student.image.detach(), student.text.detach(), student.logit_scale.detach())
         target, kd, ce = full, student.image.new_zeros(()), student.image.new_zeros(())

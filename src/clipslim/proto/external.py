@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import webdataset as wds
+from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from ..config import ConfigError
@@ -81,40 +82,43 @@ def clip_text_encoder(model: torch.nn.Module, tokenizer: Callable, device: str |
 def build_cache(
     data: str | Path, encode: Encoder, out: str | Path, *, name: str, batch_size: int = 256, progress: bool = True
 ) -> Path:
-    """Encode every caption of ``data`` once and write the cache (keys deduplicated, first occurrence wins)."""
-    keys, feats, chunk = [], [], []
-    bar = tqdm(desc=f"external teacher ({name})", unit="caption", disable=not progress)
-
-    def flush() -> None:
-        feats.append(F.normalize(encode([c for _, c in chunk]).float(), dim=-1))
-        keys.extend(k for k, _ in chunk)
-        bar.update(len(chunk))
-        chunk.clear()
-
-    for pair in iter_captions(data):
-        chunk.append(pair)
-        if len(chunk) == batch_size:
-            flush()
-    if chunk:
-        flush()
-    bar.close()
+    """Encode every distinct caption of ``data`` once and write the cache (repeated keys: the first one wins)."""
+    keys, rows, unique = [], [], {}
+    for key, caption in iter_captions(data):
+        keys.append(key)
+        rows.append(unique.setdefault(caption, len(unique)))
     if not keys:
         raise ConfigError(f"data.train: {data} has no captions to encode for the external teacher")
+    captions = list(unique)
+    feats = []
+    for start in tqdm(range(0, len(captions), batch_size), desc=f"external teacher ({name})", disable=not progress):
+        feats.append(F.normalize(encode(captions[start : start + batch_size]).float(), dim=-1))
+    features = torch.cat(feats)[torch.tensor(rows)]
     ids = key_hash(keys)
     order = torch.argsort(ids, stable=True)
-    ids, features = ids[order], torch.cat(feats)[order]
+    ids, features = ids[order], features[order]
     first = torch.ones_like(ids, dtype=torch.bool)
     first[1:] = ids[1:] != ids[:-1]
-    meta = {"encoder": name, "data": str(data), "num_keys": str(int(first.sum()))}
+    meta = {"encoder": name, "data": str(data), "num_keys": str(int(first.sum())), "num_captions": str(len(unique))}
     return save_tensors(out, {"key_hash": ids[first], "features": features[first].half()}, metadata=meta)
+
+
+def check_cache(path: str | Path, where: str) -> None:
+    """Fail before training when an existing cache file is not one (reads the header only)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            names = set(f.keys())
+    except Exception as err:  # safetensors raises its own error types for a bad header
+        raise ConfigError(f"{where}: {path} is not a safetensors file ({err})") from err
+    missing = sorted({"key_hash", "features"} - names)
+    if missing:
+        raise ConfigError(f"{where}: {path} is not an external-teacher cache (missing {', '.join(missing)})")
 
 
 def load_cache(path: str | Path, pca_dim: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(sorted key ids, features) from a cache, PCA-reduced to ``pca_dim`` with faiss (ProtoCLIP: 64, no re-norm)."""
+    check_cache(path, "external teacher cache")
     tensors = load_tensors(path)
-    missing = [k for k in ("key_hash", "features") if k not in tensors]
-    if missing:
-        raise ConfigError(f"{path}: not an external-teacher cache (missing {', '.join(missing)})")
     ids, feats = tensors["key_hash"].long(), tensors["features"].float()
     if pca_dim is not None and pca_dim < feats.shape[1]:
         pca = faiss.PCAMatrix(feats.shape[1], pca_dim)

@@ -77,7 +77,7 @@ def fit_predictor(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     predictor.eval()
     return losses
 
@@ -121,7 +121,7 @@ def fit_extra_tokens(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
     finally:
         for p in frozen:
             p.requires_grad_(True)

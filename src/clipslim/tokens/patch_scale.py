@@ -55,14 +55,16 @@ def resample_positions(pos: torch.Tensor, old_grid: tuple[int, int], new_grid: t
         return pos
     cls, grid = pos[:1], pos[1:]
     grid = grid.t().reshape(1, -1, *old_grid)
-    grid = F.interpolate(grid, size=new_grid, mode="bilinear", align_corners=False, antialias=True)
+    grid = F.interpolate(grid, size=new_grid, mode="bilinear", align_corners=False)  # 2x: box mean
     return torch.cat([cls, grid.reshape(pos.shape[1], -1).t()], dim=0)
 
 
 def check_scalable(visual: nn.Module, scale: int, where: str = "tokens") -> None:
     """A patch scale must divide the image into whole patches of a native open_clip ViT."""
     if not isinstance(visual, VisionTransformer):
-        raise ConfigError(f"{where}: token compression needs an open_clip VisionTransformer, got {type(visual).__name__}")
+        raise ConfigError(
+            f"{where}: token compression needs an open_clip VisionTransformer, got {type(visual).__name__}"
+        )
     size, patch = visual.image_size, visual.patch_size
     if any(s % (p * scale) for s, p in zip(size, patch, strict=True)):
         raise ConfigError(f"{where}.patch_scale: {scale}x patches of {patch} do not tile the {size} image")

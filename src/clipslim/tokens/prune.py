@@ -113,10 +113,12 @@ class TokenPruner(nn.Module):
         self.extra = nn.Parameter(torch.zeros(cfg.extra_tokens, width)) if cfg.extra_tokens else None
         self.scores_override: torch.Tensor | None = None
         """Externally computed [B, N] scores (e.g. the golden oracle) used instead of the ranking for one batch."""
+        self.enabled = True
+        """False passes every token through (timing the unpruned model without reinstalling)."""
 
     @property
     def active(self) -> bool:
-        return self.cfg.keep_ratio < 1.0 or self.extra is not None
+        return self.enabled and (self.cfg.keep_ratio < 1.0 or self.extra is not None)
 
     def forward(self, block: nn.Module, x_in: torch.Tensor, x_out: torch.Tensor) -> torch.Tensor:
         if not self.active:
