@@ -222,8 +222,8 @@ class _ShardWriter:
         done, self.pending = len(self.pending), []
         return done
 
-    def save(self, path: Path, cache_id: str, skipped: dict[str, int]) -> int:
-        n, dim = len(self.keys), self.teacher_dim
+    def save(self, path: Path, manifest: dict[str, Any], skipped: dict[str, int]) -> int:
+        n, dim = len(self.keys), manifest["embed_dim"]
         n_text = [len(t) for t in self.text]
         text = torch.zeros(n, max(n_text, default=1), dim)
         for i, t in enumerate(self.text):
@@ -234,14 +234,10 @@ class _ShardWriter:
         dtype = DTYPES[self.opts.dtype]
         tensors = {"image": image.to(dtype), "text": text.to(dtype), "n_text": torch.tensor(n_text, dtype=torch.int16)}
         tensors.update(pack(self.params) if n else _empty_params(self.opts.augmentations))
-        meta = {"cache_id": cache_id, "shard": Path(self.shard).name, "keys": json.dumps(self.keys)}
+        meta = {"cache_id": manifest["cache_id"], "shard": Path(self.shard).name, "keys": json.dumps(self.keys)}
         meta["skipped"] = json.dumps(skipped)
         save_tensors(path, tensors, metadata=meta)
         return path.stat().st_size
-
-    @property
-    def teacher_dim(self) -> int:
-        return self.image[0].shape[-1] if self.image else 0
 
 
 def _empty_params(k: int) -> dict[str, torch.Tensor]:
@@ -265,9 +261,10 @@ def _cache_shard(teacher: Any, shard: str, path: Path, manifest: dict, opts: Cac
         bar.update(writer.add(str(sample.get("__key__", "")), image, captions_of(caption, meta)))
     if writer.pending:
         bar.update(writer.flush())
-    if not writer.keys:
-        raise CacheError(f"{shard}: no usable samples to cache ({counter.drain() or 'empty shard'})")
-    return len(writer.keys), writer.save(path, manifest["cache_id"], counter.drain())
+    skipped = counter.drain()
+    if not writer.keys:  # training skips the same samples, so an empty sidecar is all it needs
+        log.warning("%s: no usable samples (%s)", shard, skipped or "empty shard")
+    return len(writer.keys), writer.save(path, manifest, skipped)
 
 
 def cache_teacher(
