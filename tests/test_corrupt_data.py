@@ -172,3 +172,25 @@ def test_export_of_a_corrupt_weights_file_is_one_line(tmp_path: Path, capsys) ->
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "w.safetensors" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_cache_teacher_skips_counts_and_trains(messy: Path, tmp_path: Path, capsys) -> None:
+    """cache-teacher over the same messy shards: bad samples counted, then a cached run over them trains."""
+    cache = tmp_path / "cache"
+    argv = ["cache-teacher", "--teacher", "tiny-teacher", "--data", train_pattern(messy), "--out", str(cache)]
+    assert main([*argv, "-k", "2", "--quiet", "--device", "cpu"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["skipped"] == EXPECTED and summary["samples"] == 256
+    recipe = recipe_file(tmp_path, messy, teacher_cache=str(cache))
+    spec = json.loads(recipe.read_text())
+    spec["objectives"] = {"affinity": 1.0}
+    recipe.write_text(json.dumps(spec))
+    assert main(["train", str(recipe), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["skipped"] == EXPECTED
+
+
+def test_cache_teacher_bad_fraction_limit(messy: Path, tmp_path: Path, capsys) -> None:
+    argv = ["cache-teacher", "--teacher", "tiny-teacher", "--data", str(messy / "train"), "--out", str(tmp_path / "c")]
+    assert main([*argv, "--max-bad-fraction", "0", "--quiet", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("clipslim cache-teacher: error: cache-teacher --data") and "were bad" in err

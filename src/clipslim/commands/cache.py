@@ -31,6 +31,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16")
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--max-bad-fraction", type=float, default=0.1,
+        help="stop with an error when more than this fraction of samples is unusable (finished shards stay cached)",
+    )  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_cache_teacher)
 
@@ -49,6 +53,6 @@ def cmd_cache_teacher(args: argparse.Namespace) -> None:
     opts = CacheOptions(args.augmentations, augment, args.seed, args.batch_size, args.dtype)
     summary = cache_teacher(
         args.teacher, args.data, args.out, opts, device=device, rank=env.rank, world_size=env.world_size,
-        progress=not args.quiet,
+        progress=not args.quiet, max_bad_fraction=args.max_bad_fraction,
     )  # fmt: skip
     print(json.dumps(summary))

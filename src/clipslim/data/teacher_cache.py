@@ -42,7 +42,17 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from ..config import build, to_dict
 from ..io import atomic_write_json, save_tensors
 from .augment import AugmentConfig, Replay, pack, sample_params, unpack
-from .loader import DataError, _parse, _SkipCounter, _stream_seed, _tar_samples, num_samples, resolve_shards
+from .loader import (
+    DataError,
+    SkipStats,
+    _parse,
+    _SkipCounter,
+    _stream_seed,
+    _tar_samples,
+    check_bad_fraction,
+    num_samples,
+    resolve_shards,
+)
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +274,7 @@ def _cache_shard(teacher: Any, shard: str, path: Path, manifest: dict, opts: Cac
     skipped = counter.drain()
     if not writer.keys:  # training skips the same samples, so an empty sidecar is all it needs
         log.warning("%s: no usable samples (%s)", shard, skipped or "empty shard")
-    return len(writer.keys), writer.save(path, manifest, skipped)
+    return len(writer.keys), writer.save(path, manifest, skipped), skipped
 
 
 def cache_teacher(
@@ -277,11 +287,14 @@ def cache_teacher(
     rank: int = 0,
     world_size: int = 1,
     progress: bool = True,
+    max_bad_fraction: float = 0.1,
 ) -> dict[str, Any]:
     """Cache ``teacher``'s embeddings of K stored augmentations per sample of ``data`` into ``out``.
 
     Rank r of world_size caches shards r, r + world_size, ... (file order); every rank writes the same manifest.
-    Shards whose sidecar is already complete are skipped, so re-running after a crash resumes.
+    Shards whose sidecar is already complete are skipped, so re-running after a crash resumes. Bad samples are
+    skipped and counted by kind; more than ``max_bad_fraction`` of them stops with a DataError after the shard in
+    progress (finished sidecars stay).
     """
     from ..models import load_model
 
@@ -293,6 +306,11 @@ def cache_teacher(
     manifest = make_manifest(bundle, teacher, data, shards, opts)
     _claim(out, manifest)
     mine = [s for s in shards[rank::world_size] if Path(s).is_file()]
+    skipped = (
+        {"missing_shard": len(shards[rank::world_size]) - len(mine)}
+        if len(mine) < len(shards[rank::world_size])
+        else {}
+    )
     todo = [s for s in mine if not _sidecar_done(sidecar_path(out, s), manifest)]
     counts = [num_samples(s) for s in todo]
     total = None if None in counts else sum(c or 0 for c in counts)
@@ -301,17 +319,23 @@ def cache_teacher(
     with logging_redirect_tqdm():
         for shard in todo:
             tick = time.perf_counter()
-            n, nbytes = _cache_shard(bundle, shard, sidecar_path(out, shard), manifest, opts, bar)
+            n, nbytes, bad = _cache_shard(bundle, shard, sidecar_path(out, shard), manifest, opts, bar)
             samples, size, took = samples + n, size + nbytes, time.perf_counter() - tick
+            skipped = {k: skipped.get(k, 0) + bad.get(k, 0) for k in {*skipped, *bad}}
+            if samples + sum(skipped.values()) >= 1000:  # fewer samples: the fraction is noise (checked at the end)
+                check_bad_fraction(skipped, samples, max_bad_fraction, f"cache-teacher --data {data}")
             bar.set_postfix(views_s=f"{n * opts.augmentations / max(took, 1e-9):.0f}")
             log.info("%s: %d samples x %d views in %.1fs", Path(shard).name, n, opts.augmentations, took)
     bar.close()
+    if skipped:
+        log.warning("%s", SkipStats(skipped).summary())
+        check_bad_fraction(skipped, samples, max_bad_fraction, f"cache-teacher --data {data} (sidecars written)")
     seconds = time.perf_counter() - start
     return {
         "out": str(out), "rank": rank, "shards": len(mine), "cached_now": len(todo),
         "resumed_done": len(mine) - len(todo), "samples": samples, "seconds": round(seconds, 2),
         "views_per_s": round(samples * opts.augmentations / max(seconds, 1e-9), 1),
-        "bytes": size, "bytes_per_sample": round(size / samples, 1) if samples else None,
+        "bytes": size, "bytes_per_sample": round(size / samples, 1) if samples else None, "skipped": skipped,
     }  # fmt: skip
 
 
