@@ -97,22 +97,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                  WIDTHS)  # fmt: skip
 
     results["wall_s"]["separate"] = 0.0
-    separate = {}
-    for r in WIDTHS:
+    separate: dict[float, Path] = {}
+    for r in WIDTHS if not args.slimmable_only else []:
         t0 = time.perf_counter()
         name = f"separate-w{int(r * 100)}"
         spec = {"arch": str(inits[r]), "init": str(inits[r])}
         train(recipe_from_dict(recipe(args, name, spec, slim=False)), out / name, progress=False)
         results["wall_s"]["separate"] += round(time.perf_counter() - t0, 1)
         separate[r] = out / name / "student"
-    sliced = export_widths(separate[1.0], out / "sliced_full", isolated=False, widths=WIDTHS)
+    sliced = export_widths(separate[1.0], out / "sliced_full", isolated=False, widths=WIDTHS) if separate else {}
 
     for r in WIDTHS:
         model = load_model(str(slim_folders[r])).model
         row = {"visual_params": visual_params(model), **count_params(model).as_dict()}
         row["slimmable"] = zeroshot(slim_folders[r], args.data)
-        row["separate"] = zeroshot(separate[r], args.data)
-        row["sliced_full"] = zeroshot(sliced[r], args.data)
+        if separate:
+            row["separate"] = zeroshot(separate[r], args.data)
+            row["sliced_full"] = zeroshot(sliced[r], args.data)
         row["init"] = zeroshot(inits[r], args.data)
         results["widths"][str(r)] = row
         log.info("width %s: %s", r, json.dumps(row))
@@ -128,6 +129,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
     x = [rows[w]["visual_params"] / 1e6 for w in rows]
     for ax, split in zip(axes, ("seen", "heldout"), strict=True):
         for arm, style in (("slimmable", "o-"), ("separate", "s--"), ("sliced_full", "^:")):
+            if arm not in rows[next(iter(rows))]:
+                continue
             ax.plot(x, [rows[w][arm][split] for w in rows], style, label=arm.replace("_", " "))
         for w, xi in zip(rows, x, strict=True):
             ax.annotate(f"{float(w):g}", (xi, rows[w]["slimmable"][split]), textcoords="offset points", xytext=(3, 4))
@@ -150,6 +153,7 @@ def main() -> None:
     p.add_argument("--student", default="shapes-student-50")
     p.add_argument("--data", default=".data/shapes")
     p.add_argument("--no-isolated", action="store_true", help="slimmable arm without isolated activation")
+    p.add_argument("--slimmable-only", action="store_true", help="skip the separate students (for ablations)")
     p.add_argument("--out", default="runs/slimmable_compare")
     p.add_argument("--json", default="benchmarks/results/slimmable_compare.json")
     p.add_argument("--plot", default="docs/img/slimmable.png")

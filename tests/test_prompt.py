@@ -113,3 +113,36 @@ def test_prompt_tune_command(tiny_shapes, tmp_path):
     bundle = seeded_model("tiny-teacher")
     assert len(load_prompts(out, bundle.model, bundle.tokenizer).classnames) == 64
     assert main(["prompt-tune", "--model", "tiny-teacher", "--data", str(tmp_path / "nope"), "--out", str(out)]) == 2
+
+
+def _write_images(root, names, colours):
+    from PIL import Image
+
+    rows = []
+    for name, colour in zip(names, colours, strict=True):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(3):
+            Image.new("RGB", (32, 32), tuple(min(255, c + 10 * i) for c in colour)).save(root / name / f"{i}.png")
+            rows.append(f"{name}/{i}.png,{name.replace('_', ' ')}")
+    return rows
+
+
+def test_imagefolder_and_csv_data(tmp_path):
+    from clipslim.cli import main
+    from clipslim.prompt import labelled_features
+
+    names, colours = ["red_square", "blue_circle"], [(200, 20, 20), (20, 20, 200)]
+    for split in ("train", "test"):
+        _write_images(tmp_path / "folder" / split, names, colours)
+    rows = _write_images(tmp_path / "csv", names, colours)
+    (tmp_path / "csv" / "train.csv").write_text("filepath,label\n" + "\n".join(rows) + "\n")
+    bundle = seeded_model("tiny-teacher")
+    feats = labelled_features(bundle, tmp_path / "csv" / "train.csv", "train")
+    assert feats.classnames == ["blue circle", "red square"] and feats.features.shape == (6, 32)
+    assert feats.labels.tolist() == [1, 1, 1, 0, 0, 0]
+    out = tmp_path / "p.safetensors"
+    args = ["prompt-tune", "--model", "tiny-teacher", "--data", str(tmp_path / "folder"), "--out", str(out)]
+    assert main([*args, "--shots", "2", "--steps", "2", "--quiet"]) == 0
+    csv_args = ["--data", str(tmp_path / "csv" / "train.csv"), "--test", str(tmp_path / "csv" / "train.csv")]
+    assert main([*args[:3], *csv_args, "--out", str(out), "--shots", "2", "--steps", "2", "--quiet"]) == 0
+    assert load_prompts(out, bundle.model, bundle.tokenizer).classnames == ["blue circle", "red square"]

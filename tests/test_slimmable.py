@@ -175,3 +175,29 @@ def test_recipe_trains_a_slimmable_student(tiny_recipe, tmp_path):
     assert results["steps"] == 2
     log = (tmp_path / "run" / "metrics.csv").read_text()
     assert "slimmable_loss" in log.splitlines()[0]
+
+
+def test_width_draws_resume_from_the_checkpointed_counter(teacher):
+    images, texts = _inputs(teacher)
+    model = seeded_model("tiny-teacher").model
+    image, text = F.normalize(model.encode_image(images), dim=-1), F.normalize(model.encode_text(texts), dim=-1)
+    student, batch = Outputs(image, text, model.logit_scale.exp()), {"image": images, "text": texts}
+
+    def make():
+        obj = SlimmableObjective(SlimmableConfig(widths=WIDTHS, n_random=1, ce_weight=0.0), Dims(32), None)
+        obj.attach(model)
+        return obj
+
+    first = make()
+    draws, states = [], []
+    for _ in range(6):
+        states.append({k: v.clone() for k, v in first.state_dict().items()})
+        with torch.no_grad():
+            first(student, None, batch)
+        draws.append(first.last_widths)
+    assert {w for d in draws for w in d[1:-1]} == {0.5, 0.75}  # both intermediates get drawn
+    resumed = make()
+    resumed.load_state_dict(states[3])  # as a checkpoint taken after 3 steps restores it
+    with torch.no_grad():
+        resumed(student, None, batch)
+    assert resumed.last_widths == draws[3] != draws[0]  # a fresh counter would have drawn draws[0]
