@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from open_clip.model import CLIP
 
-from clipslim.eval.bench import interleaved_times
 from clipslim.eval.run import evaluate_shapes
 from clipslim.io import atomic_write_json
 from clipslim.models import load_model
@@ -37,20 +37,37 @@ def accuracy(bundle: Any, data: Path) -> dict[str, float]:
 
 
 def throughput(model: torch.nn.Module, variants: dict[str, TokenPruner | None], images: torch.Tensor, repeats: int):
-    def call(pruner: TokenPruner | None):
-        def fn() -> None:
-            if pruner is None:
+    """Images/s per variant: one call of each per round, round-robin (first round warm-up), medians."""
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    with torch.no_grad():
+        for r in range(repeats + 1):
+            for name, pruner in variants.items():
                 remove_token_pruning(model)
-            else:
-                apply_token_pruning(model, pruner.cfg, pruner)
-            with torch.no_grad():
+                if pruner is not None:
+                    apply_token_pruning(model, pruner.cfg, pruner)
+                start = time.perf_counter()
                 model.encode_image(images)
-
-        return fn
-
-    times = interleaved_times({k: call(p) for k, p in variants.items()}, repeats, warmup=1)
+                if r:
+                    times[name].append(time.perf_counter() - start)
     remove_token_pruning(model)
     return {k: len(images) / statistics.median(v) for k, v in times.items()}
+
+
+def speed_rows(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+    """Fill images/s and speedup into ``rows``; pruners are built fresh (weights do not change the cost)."""
+    bundle = load_model(args.model)
+    model = bundle.model.eval()
+    width = model.visual.transformer.width
+    variants: dict[str, TokenPruner | None] = {}
+    for row in rows:
+        key = f"{row['ranking']}/{row['extra_tokens']}/{row['keep']}"
+        cfg = PruneConfig(args.after_block, row["keep"], row["ranking"], row["extra_tokens"])
+        variants[key] = None if row["ranking"] == "none" else TokenPruner(cfg, width).eval()
+    images = calibration_images(bundle, args.data / "train", args.batch)
+    speed = throughput(model, variants, images, args.repeats)
+    for row in rows:
+        row["images_per_s"] = speed[f"{row['ranking']}/{row['extra_tokens']}/{row['keep']}"]
+        row["speedup"] = row["images_per_s"] / speed["none/0/1.0"]
 
 
 def demo(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -83,11 +100,7 @@ def demo(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]
                 remove_token_pruning(model)
                 print(rows[-1], flush=True)
     rows.append({"ranking": "none", "extra_tokens": 0, "keep": 1.0, **base})
-    variants = {"none/0/1.0": None, **{f"{r}/{e}/{k}": p for (r, e, k), p in pruners.items()}}
-    speed = throughput(model, variants, images[: args.batch], args.repeats)
-    for row in rows:
-        row["images_per_s"] = speed[f"{row['ranking']}/{row['extra_tokens']}/{row['keep']}"]
-        row["speedup"] = row["images_per_s"] / speed["none/0/1.0"]
+    speed_rows(args, rows)
     return rows, fits
 
 
@@ -147,9 +160,9 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
             label = f"{ranking}" + (f" + {extra} learnable tokens" if extra else "")
             ax.plot([p["images_per_s"] for p in pts], [p["all"] for p in pts], marker=marker, color=color,
                     linestyle="-" if not extra else "--", label=label)  # fmt: skip
-    ax.set_xlabel("image encoder images/s (1 CPU thread, batch 64)")
+    ax.set_xlabel("image encoder images/s (1 CPU thread, batch 128)")
     ax.set_ylabel("zero-shot top-1, all eval images (%)")
-    ax.set_title("shapes teacher: token pruning after block 2 (keep 100/80/60/40%)")
+    ax.set_title("shapes teacher: prune after the 2nd of 6 blocks (keep 100/80/60/40%)")
     ax.legend(fontsize=7)
     save_figure(fig, out)
 
@@ -163,16 +176,30 @@ def main() -> None:
     p.add_argument("--calib", type=int, default=512)
     p.add_argument("--golden", type=int, default=256)
     p.add_argument("--token-steps", type=int, default=150)
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--batch", type=int, default=128)
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--large-batch", type=int, default=8)
     p.add_argument("--large-repeats", type=int, default=6)
     p.add_argument("--large-after-block", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/token_pruning.json"))
     p.add_argument("--plot", type=Path, default=Path("docs/img/token_pruning.png"))
+    p.add_argument("--speed-only", action="store_true", help="re-time the variants of an existing --out")
+    p.add_argument("--large-only", action="store_true", help="re-time the 224 px trend of an existing --out")
     p.add_argument("--golden-only", action="store_true", help="add the golden oracle rows to an existing --out")
     args = p.parse_args()
     torch.set_num_threads(1)
+    if args.speed_only:
+        result = json.loads(args.out.read_text())
+        speed_rows(args, result["rows"])
+        result["batch"], result["repeats"] = args.batch, args.repeats
+        atomic_write_json(args.out, result)
+        plot(result["rows"], args.plot)
+        return
+    if args.large_only:
+        result = json.loads(args.out.read_text())
+        result["large"]["rows"], result["large"]["repeats"] = large_trend(args), args.large_repeats
+        atomic_write_json(args.out, result)
+        return
     if args.golden_only:
         result = json.loads(args.out.read_text())
         result["golden_oracle"] = golden_oracle(args)
@@ -183,10 +210,11 @@ def main() -> None:
     result = {
         "machine": "shared 2-core CPU (5 agents), torch.set_num_threads(1); speeds timed round-robin, medians",
         "model": args.model, "after_block": args.after_block, "calib_images": args.calib,
-        "golden_images": args.golden, "token_steps": args.token_steps, "batch": args.batch,
+        "golden_images": args.golden, "token_steps": args.token_steps, "batch": args.batch, "repeats": args.repeats,
         "rows": rows, "fits": fits,
         "large": {"config": "ViT-S-16-like image tower, width 384, 12 blocks, 224 px (196 patches), random init",
-                  "after_block": args.large_after_block, "batch": args.large_batch, "rows": large},
+                  "after_block": args.large_after_block, "batch": args.large_batch, "repeats": args.large_repeats,
+                  "rows": large},
     }  # fmt: skip
     result["golden_oracle"] = golden_oracle(args)
     atomic_write_json(args.out, result)
