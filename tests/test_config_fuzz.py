@@ -154,3 +154,14 @@ def test_impossible_combinations_name_the_field(data: Path, tmp_path: Path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and field in err[0], err
     assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any training step
+
+
+def test_errors_inside_optional_sections_name_the_exact_field(data: Path) -> None:
+    """`tokens:` and a stage's `l0:` are optional sections; their errors must still point at the bad key."""
+    recipe = base(data)
+    recipe["tokens"] = {"schedule": [{"until": 0.5, "patch_dropout": 1.5}]}
+    with pytest.raises(ConfigError, match=r"^recipe\.tokens\.schedule\[0\]\.patch_dropout: must be in"):
+        recipe_from_dict(recipe)
+    recipe["tokens"] = {"bogus": 1}
+    with pytest.raises(ConfigError, match=r"^recipe\.tokens\.bogus: unknown key"):
+        recipe_from_dict(recipe)

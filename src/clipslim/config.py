@@ -32,7 +32,11 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if hint is Any:
         return value
     if origin in (Union, types.UnionType):
-        for arm in typing.get_args(hint):
+        arms = typing.get_args(hint)
+        real = [arm for arm in arms if arm is not type(None)]
+        if value is not None and len(real) == 1:  # Optional[X]: X's own error names the exact field
+            return _coerce(value, real[0], where)
+        for arm in arms:
             try:
                 return _coerce(value, arm, where)
             except ConfigError:
