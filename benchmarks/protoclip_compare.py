@@ -11,6 +11,7 @@ benchmarks/results/protoclip_compare.json.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import shutil
@@ -39,16 +40,16 @@ def variants(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         "clip+proto": {"clip": 1.0, "proto": {**proto, "pbt": False}},
         "clip+proto+pbt": {"clip": 1.0, "proto": proto},
         "clip+proto+pbt+minilm": {"clip": 1.0, "proto": minilm},
-        "clip+proto+pbt+teacher_text": {"clip": 1.0, "proto": {**proto, "external": "teacher"}},
         "clip+affinity": {"clip": 1.0, "affinity": affinity},
         "clip+affinity+proto+pbt+minilm": {"clip": 1.0, "affinity": affinity, "proto": minilm},
+        "clip+proto+pbt+teacher_text": {"clip": 1.0, "proto": {**proto, "external": "teacher"}},
     }
 
 
 def run_one(name: str, objectives: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     recipe = recipe_from_dict(
         {
-            "name": f"protoclip-{name}",
+            "name": "protoclip-" + name.replace("+", "_"),
             "teacher": "shapes-teacher:demo",
             "student": {"arch": "shapes-student-50", "init": "random"},
             "data": {"train": args.data + "/train", "eval": args.data, "num_workers": args.workers},
@@ -59,7 +60,7 @@ def run_one(name: str, objectives: dict[str, Any], args: argparse.Namespace) -> 
             },
         }
     )  # fmt: skip
-    out = Path(args.runs) / name
+    out = Path(args.runs) / name.replace("+", "_")
     shutil.rmtree(out, ignore_errors=True)
     trainer = Trainer(recipe, out, progress=False)
     eval_s = []
@@ -98,6 +99,12 @@ def run_one(name: str, objectives: dict[str, Any], args: argparse.Namespace) -> 
         row["cluster_overhead_per_step"] = round(cluster / (args.episode_steps * step_s), 5)
         last = trainer.metrics.rows[-1]
         row["proto_matched"] = last.get("proto_matched")
+    if proto is not None and proto.builder is not None:
+        proto.builder.close()
+    del trainer.evaluate  # the timing wrapper refers back to the trainer: break that cycle
+    trainer.stream._it = None  # and stop this run's loader workers now
+    del trainer, proto
+    gc.collect()  # loader workers of this variant end before the next one starts
     return row
 
 

@@ -170,6 +170,8 @@ class ProtoObjective(Objective):
             student.train(modes[0])
             self.train(modes[1])
         self.set_episode(out, episode)
+        if trainer.step + steps >= trainer.cfg.steps:  # no episode after this one: free the mirror's workers
+            self.builder.close()
 
     def set_episode(self, tensors: dict[str, torch.Tensor], episode: int) -> None:
         """Install an episode's labels and centroids as buffers (checkpointed, so a resume keeps them)."""
@@ -190,7 +192,8 @@ class ProtoObjective(Objective):
                 enc = minilm_encoder(str(trainer.device))
             else:
                 t = trainer.built.teacher
-                assert t is not None
+                if t is None:  # e.g. a cached-teacher run: no teacher model to encode captions with
+                    raise ConfigError(f"{WHERE}.external: 'teacher' needs the teacher model; pass an external_cache")
                 enc = clip_text_encoder(t.model, t.tokenizer, trainer.device)
             build_cache(trainer.recipe.data.train, enc, path, name=self.cfg.external, progress=trainer.progress)
         if current_env().enabled:

@@ -31,6 +31,7 @@ def kmeans(
     if n == 0:
         raise ValueError("kmeans: no points to cluster")
     k_eff = min(k, n)
+    faiss.omp_set_num_threads(torch.get_num_threads())  # faiss's own OpenMP pool must not oversubscribe torch's
     km = faiss.Kmeans(
         d, k_eff, niter=niter, nredo=nredo, seed=seed, verbose=False, min_points_per_centroid=1,
         gpu=faiss_has_gpu() if gpu is None else gpu,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -129,7 +130,11 @@ class EpisodeBuilder:
 
         pos = (trainer.stream.epoch, trainer.stream.pos)
         if self.mirror is None:
-            self.mirror = BatchStream(trainer.built, trainer.recipe, trainer.device, trainer.env)
+            # A weak proxy: a strong trainer.built would close a reference cycle (built -> distiller -> this
+            # objective -> mirror -> built) that keeps the loader's workers alive after the run, and workers that
+            # ignore SIGTERM then block interpreter exit.
+            built = weakref.proxy(trainer.built)
+            self.mirror = BatchStream(built, trainer.recipe, trainer.device, trainer.env)
         if self.mirror._it is None or (self.mirror.epoch, self.mirror.pos) != pos:
             self.mirror.restore(*pos, {})  # first episode or after a resume: re-open at the trainer's position
 
@@ -151,6 +156,10 @@ class EpisodeBuilder:
             zi.append(a.float().cpu())
             zt.append(b.float().cpu())
         return torch.cat(ids), torch.cat(zi), torch.cat(zt)
+
+    def close(self) -> None:
+        """Stop the mirror's loader workers (after the last episode of a run)."""
+        self.mirror = None
 
     def external_rows(self, ids: torch.Tensor) -> torch.Tensor | None:
         if self.external is None:
