@@ -96,6 +96,15 @@ class BatchStream:
                 fresh, self.good, self.recipe.data.max_bad_fraction, f"data.train ({self.recipe.data.train})"
             )
 
+    def close(self) -> None:
+        """Shut the DataLoader's workers down now rather than whenever the iterator is collected: they ignore
+        SIGTERM, so a worker kept alive by a stray reference would block interpreter exit."""
+        if self._it is not None:
+            shutdown = getattr(self._it, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+            self._it = None
+
     def restore(self, epoch: int, pos: int, skipped: dict[str, int]) -> None:
         """Re-open epoch ``epoch`` and skip the ``pos`` batches already trained on."""
         self.epoch, self.skipped = epoch, dict(skipped)
@@ -298,6 +307,7 @@ class Trainer:
                     return {"stopped_at": self.step}
             return self.finish()
         finally:
+            self.stream.close()
             cleanup()
 
     def _loop_saving_on_data_error(self, stop: _StopFlag) -> None:
