@@ -176,7 +176,7 @@ def test_teacher_external_needs_a_teacher_and_a_real_cache(tmp_path):
 
 
 def test_teacher_cache_has_every_caption(tiny_shapes, tmp_path):
-    from tests.conftest import seeded_model
+    from conftest import seeded_model
 
     teacher = seeded_model("tiny-teacher")
     path = build_cache(
