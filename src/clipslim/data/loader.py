@@ -340,26 +340,33 @@ def _meta(raw: Any) -> dict[str, Any]:
     return meta if isinstance(meta, dict) else {}
 
 
+def caption_text(sample: dict[str, Any]) -> tuple[str, bool]:
+    """``(stripped caption, True)``, or ``(skip kind, False)`` when the caption is missing, oversized, not UTF-8 or
+    empty; shared by training, caching and eval readers so they skip the same samples for the same reasons."""
+    raw = _first(sample, CAPTION_KEYS)
+    if raw is None:
+        return "missing_caption", False
+    if len(raw) > MAX_CAPTION_BYTES:
+        return "oversized_caption", False
+    try:
+        caption = (raw if isinstance(raw, str) else bytes(raw).decode("utf-8")).strip()
+    except UnicodeDecodeError:
+        return "bad_caption_encoding", False
+    return (caption, True) if caption else ("empty_caption", False)
+
+
 def _parse(sample: dict[str, Any]) -> tuple[Image.Image, str, dict[str, Any]] | str:
     """(RGB image, caption, meta), or the skip kind explaining why the sample is unusable."""
     data = _first(sample, IMAGE_KEYS)
     if data is None:
         return "missing_image"
-    raw = _first(sample, CAPTION_KEYS)
-    if raw is None:
-        return "missing_caption"
-    if len(raw) > MAX_CAPTION_BYTES:
-        return "oversized_caption"
-    try:
-        caption = raw if isinstance(raw, str) else bytes(raw).decode("utf-8")
-    except UnicodeDecodeError:
-        return "bad_caption_encoding"
-    if not caption.strip():
-        return "empty_caption"
+    caption, ok = caption_text(sample)
+    if not ok:
+        return caption
     image = _open_image(data)
     if isinstance(image, str):
         return image
-    return image, caption.strip(), _meta(sample.get("json"))
+    return image, caption, _meta(sample.get("json"))
 
 
 class _TorchRngStream:

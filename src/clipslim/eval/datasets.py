@@ -31,9 +31,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
 from clipslim.data.loader import (
-    CAPTION_KEYS,
     IMAGE_KEYS,
-    MAX_CAPTION_BYTES,
     DataError,
     SkipStats,
     _first,
@@ -41,6 +39,7 @@ from clipslim.data.loader import (
     _read_csv,
     _SkipCounter,
     _tar_samples,
+    caption_text,
     check_bad_fraction,
     resolve_shards,
 )
@@ -97,6 +96,12 @@ def _open_rgb(data: bytes | Path, skipped: dict[str, int]) -> Image.Image | None
         skipped[kind] = skipped.get(kind, 0) + 1
         return None
     return kind
+
+
+def _load(source: bytes | Path, skipped: dict[str, int], transform: Callable | None) -> Any:
+    """The transformed image, or None (counted in ``skipped``) when it cannot be used."""
+    image = _open_rgb(source, skipped)
+    return image if image is None or transform is None else transform(image)
 
 
 def _drop_bad(batch: list[tuple[Any, Any]]) -> Any:
@@ -159,10 +164,7 @@ class ImageFolderSet(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Any, int]:
         path, label = self.samples[i]
-        image = _open_rgb(path, self.skipped)
-        if image is None:
-            return None, label
-        return (self.transform(image) if self.transform else image), label
+        return _load(path, self.skipped, self.transform), label
 
     @property
     def targets(self) -> list[int]:
@@ -189,23 +191,12 @@ def _csv_items(path: Path, skipped: dict[str, int]) -> list[tuple[Path, list[str
 def _wds_items(data: str | Path, skipped: dict[str, int]) -> list[tuple[bytes, list[str]]]:
     counter, items = _SkipCounter(), []
     for sample in _tar_samples([{"url": s} for s in resolve_shards(data)], counter):
-        image, raw = _first(sample, IMAGE_KEYS), _first(sample, CAPTION_KEYS)
-        if image is None or raw is None:
-            counter.bump("missing_image" if image is None else "missing_caption")
+        image = _first(sample, IMAGE_KEYS)
+        text, ok = caption_text(sample) if image is not None else ("missing_image", False)
+        if not ok:
+            counter.bump(text)
             continue
-        if len(raw) > MAX_CAPTION_BYTES:
-            counter.bump("oversized_caption")
-            continue
-        try:
-            text = raw if isinstance(raw, str) else bytes(raw).decode("utf-8")
-        except UnicodeDecodeError:
-            counter.bump("bad_caption_encoding")
-            continue
-        captions = [line.strip() for line in text.splitlines() if line.strip()]
-        if not captions:
-            counter.bump("empty_caption")
-            continue
-        items.append((bytes(image), captions))
+        items.append((bytes(image), [line.strip() for line in text.splitlines() if line.strip()]))
     for kind, n in counter.drain().items():
         skipped[kind] = skipped.get(kind, 0) + n
     return items
@@ -229,10 +220,7 @@ class RetrievalSet(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Any, list[str]]:
         source, captions = self.items[i]
-        image = _open_rgb(source, self.skipped)
-        if image is None:
-            return None, captions
-        return (self.transform(image) if self.transform else image), captions
+        return _load(source, self.skipped, self.transform), captions
 
     @staticmethod
     def collate(batch: Sequence[tuple[torch.Tensor, list[str]]]) -> tuple[torch.Tensor, list[list[str]]]:
