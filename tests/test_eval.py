@@ -214,8 +214,8 @@ def test_encode_batches_empty():
     assert feats.image.shape[0] == 0 and feats.meta == []
 
 
-def _meta(cls: int, heldout: bool, n_objects: int = 1) -> dict:
-    return {"cls": cls, "heldout": heldout, "n_objects": n_objects}
+def _meta(cls: int, heldout: bool, n_objects: int = 1, ood: bool = False) -> dict:
+    return {"cls": cls, "heldout": heldout, "n_objects": n_objects, "ood": ood}
 
 
 def test_evaluate_features_splits_heldout_and_seen():
@@ -229,11 +229,15 @@ def test_evaluate_features_splits_heldout_and_seen():
         (7, 3, _meta(7, True)),
         (3, 3, _meta(3, False, n_objects=2)),  # multi-object: no classification
         (-1, 4, _meta(-1, False, n_objects=0)),  # no class: no classification
+        (5, 5, _meta(5, False, ood=True)),  # ood style: its own group, not in all / seen / retrieval
+        (6, 1, _meta(6, True, ood=True)),
+        (4, 4, _meta(4, False, ood=True)),
     ]
     image = F.one_hot(torch.tensor([p for _, p, _ in rows]), 8).float()
     feats = Features(image, image.clone(), [m for _, _, m in rows], skipped={"bad": 2})
     res = evaluate_features(feats, w)
-    assert set(res) == {"zeroshot_heldout", "zeroshot_seen", "zeroshot_all", "retrieval", "skipped"}
+    assert set(res) == {"zeroshot_heldout", "zeroshot_seen", "zeroshot_all", "zeroshot_ood", "retrieval", "skipped"}
+    assert res["zeroshot_ood"]["n"] == 3 and res["zeroshot_ood"]["acc1"] == pytest.approx(2 / 3)
     assert res["zeroshot_seen"]["n"] == 3 and res["zeroshot_seen"]["acc1"] == pytest.approx(2 / 3)
     assert res["zeroshot_heldout"]["n"] == 2 and res["zeroshot_heldout"]["acc1"] == pytest.approx(1 / 2)
     assert res["zeroshot_all"]["n"] == 5 and res["zeroshot_all"]["acc1"] == pytest.approx(3 / 5)
@@ -252,6 +256,7 @@ def test_perfect_features_score_one(tiny):
     assert res["zeroshot_all"]["acc5"] == 1.0
     assert res["retrieval"]["image_retrieval_recall@1"] == 1.0
     assert res["retrieval"]["text_retrieval_recall@1"] == 1.0
+    assert res["retrieval"]["image_retrieval_class_recall@1"] == 1.0
 
 
 def test_write_results_is_clip_benchmark_shaped(tmp_path):
@@ -282,10 +287,11 @@ def test_evaluate_shapes_integration(tmp_path, tiny):
     shapes.write_shapes(data, n_train=64, n_eval=128, shard_size=64, image_size=32, workers=0, progress=False)
     assert len(list((data / "eval").glob("*.tar"))) == 2
     res = evaluate_shapes(tiny, data, batch_size=32, progress=False)
-    assert set(res) == {"zeroshot_heldout", "zeroshot_seen", "zeroshot_all", "retrieval", "skipped"}
-    assert res["retrieval"]["n"] == 128
+    assert set(res) == {"zeroshot_heldout", "zeroshot_seen", "zeroshot_all", "zeroshot_ood", "retrieval", "skipped"}
+    assert res["retrieval"]["n"] == 128 and res["zeroshot_ood"]["n"] == 64  # ood/ holds n_eval / 2 images
+    assert res["zeroshot_heldout"]["n"] == 64 == res["zeroshot_seen"]["n"]
     assert res["zeroshot_all"]["n"] == res["zeroshot_seen"]["n"] + res["zeroshot_heldout"]["n"] > 0
-    for split in ("zeroshot_all", "zeroshot_seen"):
+    for split in ("zeroshot_all", "zeroshot_seen", "zeroshot_ood"):
         for name in ("acc1", "acc5", "mean_per_class_recall"):
             assert 0.0 <= res[split][name] <= 1.0
     for name, value in res["retrieval"].items():

@@ -13,17 +13,23 @@ import webdataset as wds
 
 from clipslim.data import shapes
 from clipslim.data.shapes import (
+    BACKGROUNDS,
     COLOURS,
+    FILL_WORDS,
     HELDOUT,
+    OOD_FILLS,
     PAIR_CAPTIONS,
+    PALETTE,
     POSITIONS,
     SHAPES,
     SINGLE_CAPTIONS,
     SIZES,
     TEMPLATES,
+    TRAIN_FILLS,
     caption_for,
     classnames,
     generate_sample,
+    jitter_colour,
     load_info,
     read_lines,
     render,
@@ -59,7 +65,8 @@ def test_classnames_and_heldout_combos() -> None:
     for shape in SHAPES:
         assert sum((c, shape) not in HELDOUT for c in COLOURS) >= 6
     assert len(TEMPLATES) == 4 and all(t.count("{}") == 1 for t in TEMPLATES)
-    assert len(SINGLE_CAPTIONS) >= 6
+    assert len(SINGLE_CAPTIONS) >= 12 and len(PAIR_CAPTIONS) >= 6
+    assert not set(TRAIN_FILLS) & set(OOD_FILLS)
 
 
 def _pair(c1: str, s1: str, z1: str, p1: str, c2: str, s2: str, z2: str, p2: str) -> list[dict[str, str]]:
@@ -74,7 +81,10 @@ def _all_captions() -> list[str]:
         for c in COLOURS:
             for s in SHAPES:
                 for z in SIZES:
-                    out += [caption_for([dict(colour=c, shape=s, size=z, position=p)], t) for p in POSITIONS]
+                    for f in FILL_WORDS:
+                        out += [
+                            caption_for([dict(colour=c, shape=s, size=z, position=p, fill=f)], t) for p in POSITIONS
+                        ]
     layouts = [("left", "right"), ("right", "left"), ("top", "bottom"), ("bottom", "top")]
     for t in range(len(PAIR_CAPTIONS)):
         out += [caption_for(_pair(c1, s1, "small", "left", c2, s2, "large", "right"), t) for c1 in COLOURS
@@ -89,7 +99,7 @@ def _all_captions() -> list[str]:
 
 def test_every_caption_fits_context_16() -> None:
     captions = _all_captions()
-    assert len(captions) > 20000
+    assert len(captions) > 50000
     bpe = open_clip.tokenizer.SimpleTokenizer()
     longest = max(captions, key=lambda c: len(bpe.encode(c)))
     assert len(bpe.encode(longest)) <= 14, longest
@@ -108,14 +118,18 @@ def test_sample_meta_matches_caption_and_train_rules() -> None:
         json.dumps(meta)
         assert meta["n_objects"] == len(meta["objects"]) in (1, 2)
         n_pairs += meta["n_objects"] == 2
+        words = caption.replace(",", "").split()
         for obj in meta["objects"]:
             assert (obj["colour"], obj["shape"]) not in HELDOUT
-            assert f"{obj['colour']} {obj['shape']}" in caption
+            assert obj["colour"] in words and obj["shape"] in words, caption
+            assert obj["fill"] in TRAIN_FILLS
         first = meta["objects"][0]
-        phrases = [caption.index(f"{o['colour']} {o['shape']}") for o in meta["objects"]]
-        assert phrases == sorted(phrases)  # the primary object is named first
+        if meta["n_objects"] == 2:
+            phrases = [caption.index(f"{o['colour']} {o['shape']}") for o in meta["objects"]]
+            assert phrases == sorted(phrases)  # the primary object is named first
         assert classnames()[meta["cls"]] == f"{first['colour']} {first['shape']}"
-        assert meta["heldout"] is False
+        assert meta["heldout"] is False and meta["ood"] is False
+        assert not any(word in caption for word in (*OOD_FILLS, "striped"))
     assert 30 <= n_pairs <= 90  # ~30% pairs
 
 
@@ -129,25 +143,41 @@ def test_eval_samples_cover_heldout() -> None:
         generate_sample(rng, "test")
 
 
+def _nearest_name(rgb: np.ndarray) -> str:
+    return min(COLOURS, key=lambda c: float(np.abs(np.mean(PALETTE[c], axis=0) - rgb).sum()))
+
+
+def test_colour_jitter_stays_inside_its_name() -> None:
+    """Shades vary within a name (not one fixed RGB) but are always nearest to their own name's centre."""
+    rng = np.random.default_rng(0)
+    for colour in COLOURS:
+        draws = np.array([jitter_colour(rng, colour) for _ in range(300)], dtype=float)
+        assert draws.std(0).max() > 3, colour  # jittered
+        assert {_nearest_name(d) for d in draws} == {colour}
+
+
 def _patch_mean(colour: str, shape: str = "circle") -> np.ndarray:
-    obj = dict(colour=colour, shape=shape, size="large", position="center")
+    obj = dict(colour=colour, shape=shape, size="large", position="center", fill="solid")
     pixels = np.asarray(render([obj], np.random.default_rng(0), 64), dtype=float)
-    return pixels[29:35, 29:35].reshape(-1, 3).mean(0)
+    return np.median(pixels[29:35, 29:35].reshape(-1, 3), axis=0)
 
 
 def test_pixels_show_the_named_colour() -> None:
     red, blue, white, black = (_patch_mean(c) for c in ("red", "blue", "white", "black"))
-    assert red[0] > 180 and red[2] < 70
-    assert blue[2] > 180 and blue[0] < 80
-    assert white.min() > 220 and black.max() < 40
+    assert red[0] > 160 and red[1] < 80 and red[2] < 80
+    assert blue[2] > 160 and blue[0] < 90
+    assert white.min() > 215 and black.max() < 60
+    for colour in COLOURS:
+        assert _nearest_name(_patch_mean(colour)) == colour
+
+
+def _mask(shape: str, fill: str = "solid", seed: int = 0) -> np.ndarray:
+    obj = dict(colour="red", shape=shape, size="large", position="center", fill=fill)
+    return np.asarray(shapes._object_mask(obj, np.random.default_rng(seed), 64)) > 127
 
 
 def test_shapes_have_distinct_masks() -> None:
-    masks = {}
-    for shape in SHAPES:
-        obj = dict(colour="red", shape=shape, size="large", position="center")
-        pixels = np.asarray(render([obj], np.random.default_rng(0), 64)).astype(int)
-        masks[shape] = (pixels[..., 0] > 170) & (pixels[..., 1] < 90)
+    masks = {shape: _mask(shape) for shape in SHAPES}
     assert masks["ring"][32, 32] == 0 and masks["circle"][32, 32] == 1
     for a in SHAPES:
         for b in SHAPES:
@@ -156,13 +186,31 @@ def test_shapes_have_distinct_masks() -> None:
                 assert iou < 0.9, (a, b, iou)  # circle vs hexagon is the closest pair (~0.85)
 
 
+def test_style_randomisation() -> None:
+    """Rotation, scale, outline, ood patterns, backgrounds, distractors and blur all occur."""
+    triangles = [_mask("triangle", seed=s) for s in range(6)]
+    assert len({m.tobytes() for m in triangles}) == 6  # rotated / scaled / moved differently
+    solid, outline = _mask("square"), _mask("square", "outline")
+    assert outline.sum() < 0.6 * solid.sum() and outline[32, 32] == 0
+    for fill in OOD_FILLS:
+        patterned = _mask("square", fill)
+        assert 0.25 * solid.sum() < patterned.sum() < 0.85 * solid.sum(), fill
+    rng = np.random.default_rng(3)
+    styles = [generate_sample(rng, "train")[2]["style"] for _ in range(200)]
+    assert {s["background"] for s in styles} == set(BACKGROUNDS)
+    assert 0.1 < np.mean([s["blur"] > 0 for s in styles]) < 0.35
+    assert any(s["lines"] for s in styles) and any(s["specks"] for s in styles)
+
+
 def test_written_dataset_layout(dataset: Path) -> None:
     info = load_info(dataset)
     assert info["splits"] == {
         "train": {"num_samples": 300, "num_shards": 3},
         "eval": {"num_samples": 128, "num_shards": 2},
+        "ood": {"num_samples": 64, "num_shards": 1},
     }
-    assert info["name"] == "shapes" and info["version"] == 1 and len(info["heldout"]) == 12
+    assert info["name"] == "shapes" and info["version"] == 2 and len(info["heldout"]) == 12
+    assert info["ood_fills"] == list(OOD_FILLS)
     assert [p.name for p in shard_paths(dataset, "train")] == [f"shapes-train-00000{i}.tar" for i in range(3)]
     assert read_lines(dataset / "classnames.txt") == classnames()
     assert tuple(read_lines(dataset / "templates.txt")) == TEMPLATES
@@ -179,20 +227,33 @@ def test_train_split_never_shows_heldout(dataset: Path) -> None:
     for s in samples:
         meta = json.loads(s["json"])
         assert all((o["colour"], o["shape"]) not in HELDOUT for o in meta["objects"])
+        assert all(o["fill"] in TRAIN_FILLS for o in meta["objects"])
         assert s["png"][:8] == b"\x89PNG\r\n\x1a\n" and s["txt"].decode().strip()
 
 
-def test_eval_split_is_balanced(dataset: Path) -> None:
+def test_eval_split_alternates_heldout_and_seen(dataset: Path) -> None:
     metas = [json.loads(s["json"]) for s in read_samples(shard_paths(dataset, "eval"))]
-    counts = Counter(m["cls"] for m in metas)
-    assert len(metas) == 128 and set(counts.values()) == {2} and len(counts) == 64
-    assert sum(m["heldout"] for m in metas) == 24  # 12/64 of the eval set
-    assert all(m["n_objects"] == 1 for m in metas)
+    assert len(metas) == 128 and all(m["n_objects"] == 1 and not m["ood"] for m in metas)
+    assert [m["heldout"] for m in metas] == [i % 2 == 0 for i in range(128)]  # half the split is held-out
+    held = Counter(m["cls"] for m in metas if m["heldout"])
+    assert len(held) == 12 and max(held.values()) - min(held.values()) <= 1
+    assert len({m["cls"] for m in metas if not m["heldout"]}) == 52
+    assert all(o["fill"] in TRAIN_FILLS for m in metas for o in m["objects"])
+
+
+def test_ood_split_is_balanced_and_only_unseen_fills(dataset: Path) -> None:
+    samples = read_samples(shard_paths(dataset, "ood"))
+    metas = [json.loads(s["json"]) for s in samples]
+    assert len(metas) == 64 and Counter(m["cls"] for m in metas) == Counter(range(64))
+    assert all(m["ood"] and m["n_objects"] == 1 and m["objects"][0]["fill"] in OOD_FILLS for m in metas)
+    assert {m["objects"][0]["fill"] for m in metas} == set(OOD_FILLS)
+    assert sum(m["heldout"] for m in metas) == 12
+    assert not any(w in s["txt"].decode() for s in samples for w in FILL_WORDS.values())
 
 
 def test_deterministic_bytes_and_seed_sensitivity(dataset: Path, tmp_path: Path) -> None:
     write_shapes(tmp_path / "same", workers=0, **ARGS)
-    for split in ("train", "eval"):
+    for split in ("train", "eval", "ood"):
         for a, b in zip(shard_paths(dataset, split), shard_paths(tmp_path / "same", split), strict=True):
             assert a.read_bytes() == b.read_bytes()
     write_shapes(tmp_path / "other", workers=0, **(ARGS | {"seed": 1, "n_train": 100, "n_eval": 0}))

@@ -35,7 +35,9 @@ def _recipe_names() -> list[str]:
 def cmd_data(args: argparse.Namespace) -> None:
     from .data.shapes import write_shapes
 
-    info = write_shapes(args.out, n_train=args.train, n_eval=args.eval, seed=args.seed, workers=args.workers)
+    info = write_shapes(
+        args.out, n_train=args.train, n_eval=args.eval, seed=args.seed, workers=args.workers, n_ood=args.ood
+    )
     print(json.dumps(info["splits"]))
 
 
@@ -221,7 +223,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("dataset", choices=["shapes"], help="which dataset to generate")
     d.add_argument("--out", required=True, type=Path, help="output folder (train/, eval/, classnames.txt, ...)")
     d.add_argument("--train", type=int, default=40000, help="training pairs (default 40000)")
-    d.add_argument("--eval", type=int, default=2048, help="evaluation images, balanced over 64 classes")
+    d.add_argument("--eval", type=int, default=4096, help="evaluation images, half of them held-out classes")
+    d.add_argument("--ood", type=int, help="images of all 64 classes in styles never trained on (default: eval / 2)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--workers", type=int, default=2, help="processes drawing shards in parallel")
     d.set_defaults(fn=cmd_data)

@@ -1,7 +1,15 @@
 """The embedded "shapes" dataset: procedural image-caption pairs that need no download.
 
-Every image is 1-2 coloured shapes on a noisy tinted background, so a tiny CLIP can learn it in minutes on a CPU,
-while 12 held-out (colour, shape) combinations, never seen in training, test compositional zero-shot transfer.
+Every image is 1-2 coloured shapes drawn with a random style (rotation, scale, solid / shaded / outlined fill,
+stroke width, colour jitter within the named colour) on a random background (flat, gradient, noise or clouds), with
+distractor specks and lines and an optional blur, so a model must learn colour and shape rather than one renderer.
+Three splits:
+
+- ``train``: the 52 seen (colour, shape) combinations, ~30% of images with two objects;
+- ``eval``: single objects, alternating held-out and seen classes (so >= 2,000 held-out images at the default
+  size), drawn in the training styles: 12 combinations are never in ``train`` (compositional zero-shot);
+- ``ood``: single objects of all 64 classes drawn with fill styles never used in train or eval (hatched, dotted).
+
 Generation is deterministic per (seed, split, shard), so shards are byte-identical across runs and can be written
 in parallel.
 """
@@ -21,27 +29,30 @@ from typing import Any
 
 import numpy as np
 import webdataset as wds
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
 from clipslim.io import atomic_write, atomic_write_json, atomic_write_text
 
-VERSION = 1
+VERSION = 2
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
 SHAPES = ("circle", "square", "triangle", "star", "cross", "hexagon", "diamond", "ring")
 SIZES = ("small", "large")
 POSITIONS = ("left", "right", "top", "bottom", "center")
-SPLITS = ("train", "eval")
-RGB: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30),
-    "green": (30, 170, 50),
-    "blue": (40, 70, 230),
-    "yellow": (245, 225, 30),
-    "purple": (140, 45, 185),
-    "orange": (250, 135, 15),
-    "white": (250, 250, 250),
-    "black": (12, 12, 12),
+SPLITS = ("train", "eval", "ood")
+# Shades per colour name: a drawn colour is a random mix of two of them plus a little noise, so colours vary within
+# a name but never cross into a neighbour (red/orange differ by >= 50 in green, blue/purple by >= 50 in red).
+PALETTE: dict[str, tuple[tuple[int, int, int], ...]] = {
+    "red": ((215, 25, 25), (245, 55, 45), (175, 15, 20)),
+    "green": ((30, 165, 50), (75, 205, 70), (20, 120, 55)),
+    "blue": ((40, 70, 230), (70, 115, 250), (25, 40, 175)),
+    "yellow": ((245, 225, 30), (255, 245, 95), (225, 205, 15)),
+    "purple": ((140, 45, 185), (170, 75, 215), (110, 30, 150)),
+    "orange": ((250, 135, 15), (255, 160, 45), (235, 112, 10)),
+    "white": ((250, 250, 250), (232, 234, 238), (255, 255, 244)),
+    "black": ((12, 12, 12), (38, 38, 44), (24, 20, 16)),
 }
+RGB: dict[str, tuple[int, int, int]] = {name: shades[0] for name, shades in PALETTE.items()}
 # One held-out shape per colour (a permutation) plus four more: every colour and shape keeps >= 6 training partners.
 HELDOUT: frozenset[tuple[str, str]] = frozenset(
     {
@@ -59,7 +70,13 @@ HELDOUT: frozenset[tuple[str, str]] = frozenset(
         ("black", "circle"),
     }
 )
-TEMPLATES: tuple[str, ...] = ("a {}.", "a photo of a {}.", "a drawing of a {}.", "a {} on a noisy background.")
+TEMPLATES: tuple[str, ...] = ("a {}.", "a photo of a {}.", "a drawing of a {}.", "a picture of a {}.")
+# Fill styles: train/eval draw TRAIN_FILLS; OOD_FILLS are reserved for the ood split (a style never trained on).
+# A circle or ring is never outlined (an outlined circle would be a ring).
+TRAIN_FILLS = ("solid", "shaded", "outline")
+OOD_FILLS = ("hatched", "dotted")
+FILL_WORDS = {"solid": "solid", "shaded": "shaded", "outline": "outlined"}
+BACKGROUNDS = ("flat", "gradient", "noise", "clouds")
 # Caption templates. Each must stay <= 14 BPE tokens for every fill ("hexagon" is 2 tokens), see tests.
 SINGLE_CAPTIONS: tuple[str, ...] = (
     "a {size} {colour} {shape} {where}",
@@ -69,12 +86,24 @@ SINGLE_CAPTIONS: tuple[str, ...] = (
     "a photo of a {colour} {shape} {where}",
     "there is a {size} {colour} {shape} {where}",
     "a drawing of a {colour} {shape}",
+    "an image of one {colour} {shape}",
+    "a {colour} {shape}",
+    "the {shape} {where} is {colour}",
+    "a {size} {shape} coloured {colour}",
+    "{colour} {shape} {where}",
+    "a {colour} {shape} drawn {where}",
+    "a {fill} {colour} {shape} {where}",
+    "a {fill} {size} {colour} {shape}",
 )
 PAIR_CAPTIONS: tuple[str, ...] = (
     "a {size} {colour} {shape} {rel} a {size2} {colour2} {shape2}",
     "a {colour} {shape} at {position} and a {colour2} {shape2} at {position2}",
     "a {size} {colour} {shape} and a {size2} {colour2} {shape2}",
     "a {colour} {shape} and a {colour2} {shape2}",
+    "a {colour} {shape} {rel} a {colour2} {shape2}",
+    "two shapes: a {colour} {shape} and a {colour2} {shape2}",
+    "a {colour} {shape} next to a {colour2} {shape2}",
+    "a {colour} {shape} with a {colour2} {shape2} {where2}",
 )
 WHERE = {
     "left": "on the left",
@@ -85,11 +114,14 @@ WHERE = {
 }
 RELATION = {"left": "left of", "right": "right of", "top": "above", "bottom": "below"}
 CENTRES = {"left": (0.27, 0.5), "right": (0.73, 0.5), "top": (0.5, 0.27), "bottom": (0.5, 0.73), "center": (0.5, 0.5)}
-RADIUS = {"small": (0.10, 0.13), "large": (0.18, 0.21)}  # fraction of the image side
+RADIUS = {"small": (0.09, 0.13), "large": (0.17, 0.23)}  # fraction of the image side
+# Rotation range in degrees: a square or diamond turned by 45 would become the other, a cross an "x".
+ROTATION = {"square": 25.0, "diamond": 25.0, "cross": 30.0, "triangle": 180.0, "star": 180.0, "hexagon": 180.0}
 PAIR_AXES = (("left", "right"), ("top", "bottom"))
-SPLIT_IDS = {"train": 0, "eval": 1}
+SPLIT_IDS = {"train": 0, "eval": 1, "ood": 2}
 PAIR_PROB = 0.3
-SPECK_PROB = 0.25
+BLUR_PROB = 0.2
+SS = 2  # object masks are drawn at SS x the size and box-filtered down: anti-aliased edges
 
 
 def classnames() -> list[str]:
@@ -102,6 +134,7 @@ def class_index(colour: str, shape: str) -> int:
 
 
 SEEN: tuple[tuple[str, str], ...] = tuple((c, s) for c in COLOURS for s in SHAPES if (c, s) not in HELDOUT)
+HELDOUT_ORDER: tuple[tuple[str, str], ...] = tuple(sorted(HELDOUT, key=lambda cs: class_index(*cs)))
 
 
 def _star(points: int, inner: float) -> list[tuple[float, float]]:
@@ -132,52 +165,152 @@ UNIT_POLYGONS: dict[str, list[tuple[float, float]]] = {
 }
 
 
-def _draw_object(draw: ImageDraw.ImageDraw, rng: np.random.Generator, obj: dict[str, str], size: int) -> None:
-    """Draw one shape with jittered centre, radius, rotation and colour, so a model must learn the concept rather
-    than memorise a template."""
-    fx, fy = CENTRES[obj["position"]]
-    cx, cy = (fx + rng.uniform(-0.02, 0.02)) * size, (fy + rng.uniform(-0.02, 0.02)) * size
-    r = rng.uniform(*RADIUS[obj["size"]]) * size
-    colour = tuple(
-        min(255, max(0, v + int(d))) for v, d in zip(RGB[obj["colour"]], rng.integers(-12, 13, 3), strict=True)
-    )
-    shape = obj["shape"]
-    if shape in ("circle", "ring"):
-        box = (cx - r, cy - r, cx + r, cy + r)
-        width = 0 if shape == "circle" else max(2, round(r * 0.38))
-        draw.ellipse(box, fill=colour if shape == "circle" else None, outline=colour, width=width)
-        return
-    angle = rng.uniform(-0.17, 0.17)  # +-10 degrees: a square stays a square, a diamond a diamond
-    cos, sin = math.cos(angle), math.sin(angle)
-    pts = [(cx + r * (x * cos - y * sin), cy + r * (x * sin + y * cos)) for x, y in UNIT_POLYGONS[shape]]
-    draw.polygon(pts, fill=colour)
+def jitter_colour(rng: np.random.Generator, colour: str) -> tuple[int, int, int]:
+    """A shade of the named colour: a random mix of two of its PALETTE shades, plus +-6 per channel."""
+    shades = PALETTE[colour]
+    a, b = rng.choice(len(shades), size=2, replace=False)
+    t = rng.uniform()
+    mixed = (1 - t) * np.array(shades[a]) + t * np.array(shades[b]) + rng.integers(-6, 7, 3)
+    return tuple(int(v) for v in np.clip(np.rint(mixed), 0, 255))
 
 
 @functools.lru_cache(maxsize=8)
-def _unit_ramp(size: int) -> np.ndarray:
-    return np.linspace(-1.0, 1.0, size, dtype=np.float32)
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(y, x) pixel coordinates in [-1, 1]."""
+    ramp = np.linspace(-1.0, 1.0, size, dtype=np.float32)
+    return ramp[:, None] + np.zeros((1, size), np.float32), ramp[None, :] + np.zeros((size, 1), np.float32)
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """Mid-grey with a random tint, a gentle gradient and luminance noise: contrasts with every colour, black and
-    white included. The noise is shared by the three channels, which keeps PNG encoding (the bottleneck) fast."""
-    base = (128 + rng.integers(-22, 23, 3)).astype(np.int16)
-    ramp = (_unit_ramp(size) * rng.uniform(-14, 14)).astype(np.int16)
-    noise = rng.integers(-20, 21, (size, size), dtype=np.int16) + (ramp[:, None] if rng.random() < 0.5 else ramp)
-    return (noise[:, :, None] + base).astype(np.uint8)  # 128 +- 22 +- 14 +- 20 stays inside 0..255: no clip
+def _background(rng: np.random.Generator, size: int) -> tuple[np.ndarray, str]:
+    """A mid-grey tinted background of one random family, luminance ~60..200, so black and white objects both
+    contrast. Luminance variation is shared by the channels, which keeps PNG encoding (the bottleneck) fast."""
+    kind = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
+    base = 128.0 + rng.uniform(-28, 28)
+    tint = rng.integers(-18, 19, 3).astype(np.float32)
+    if kind == "gradient":
+        y, x = _grid(size)
+        angle = rng.uniform(0, 2 * math.pi)
+        lum = (x * math.cos(angle) + y * math.sin(angle)) * rng.uniform(15, 38)
+    elif kind == "noise":
+        lum = rng.normal(0.0, rng.uniform(6, 16), (size, size)).astype(np.float32)
+    elif kind == "clouds":
+        cells = int(rng.integers(3, 7))
+        coarse = Image.fromarray(rng.uniform(-1, 1, (cells, cells)).astype(np.float32), "F")
+        lum = np.asarray(coarse.resize((size, size), Image.BILINEAR)) * rng.uniform(20, 40)
+    else:
+        lum = rng.normal(0.0, 2.5, (size, size)).astype(np.float32)
+    pixels = np.clip(lum, -55, 55)[:, :, None] + (base + tint)
+    return np.clip(np.rint(pixels), 0, 255).astype(np.uint8), kind
+
+
+def _erode(mask: np.ndarray) -> np.ndarray:
+    out = mask.copy()
+    out[1:] &= mask[:-1]
+    out[:-1] &= mask[1:]
+    out[:, 1:] &= mask[:, :-1]
+    out[:, :-1] &= mask[:, 1:]
+    return out
+
+
+def _pattern(fill: str, rng: np.random.Generator, size: int) -> np.ndarray:
+    """The OOD fills' pixel pattern at mask resolution: stripes at a random angle, or a dot grid."""
+    y, x = (np.indices((size, size)) + rng.uniform(0, 8, (2, 1, 1))).astype(np.float32)
+    if fill == "hatched":
+        angle = rng.uniform(0, math.pi)
+        period = SS * rng.uniform(3.0, 4.5)
+        return ((x * math.cos(angle) + y * math.sin(angle)) % period) < period * 0.5
+    period = SS * int(rng.integers(3, 5))
+    return ((x % period) < SS * 1.5) & ((y % period) < SS * 1.5)
+
+
+def _outline(mask: np.ndarray) -> np.ndarray:
+    """The silhouette's 1-pixel edge (after downsampling) of a boolean mask."""
+    return mask & ~_erode(_erode(mask))
+
+
+def _object_mask(obj: dict[str, str], rng: np.random.Generator, size: int) -> Image.Image:
+    """The object's coverage (mode L, anti-aliased) with jittered centre, radius and rotation, in its fill style."""
+    big = size * SS
+    fx, fy = CENTRES[obj["position"]]
+    cx, cy = (fx + rng.uniform(-0.03, 0.03)) * big, (fy + rng.uniform(-0.03, 0.03)) * big
+    r = rng.uniform(*RADIUS[obj["size"]]) * big
+    canvas = Image.new("L", (big, big), 0)
+    draw = ImageDraw.Draw(canvas)
+    shape, fill = obj["shape"], obj.get("fill", "solid")
+    if shape in ("circle", "ring"):
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
+        if shape == "ring":
+            inner = r * (1 - rng.uniform(0.3, 0.45))
+            draw.ellipse((cx - inner, cy - inner, cx + inner, cy + inner), fill=0)
+    else:
+        angle = math.radians(rng.uniform(-ROTATION[shape], ROTATION[shape]))
+        cos, sin = math.cos(angle), math.sin(angle)
+        pts = [(cx + r * (x * cos - y * sin), cy + r * (x * sin + y * cos)) for x, y in UNIT_POLYGONS[shape]]
+        if fill == "outline":
+            stroke = SS * rng.uniform(1.0, max(1.5, 0.25 * r / SS))
+            draw.line([*pts, pts[0], pts[1]], fill=255, width=max(SS, round(stroke)), joint="curve")
+        else:
+            draw.polygon(pts, fill=255)
+    if fill in OOD_FILLS:
+        region = np.asarray(canvas) > 0
+        canvas = Image.fromarray(((region & _pattern(fill, rng, big)) | _outline(region)).astype(np.uint8) * 255)
+    return canvas.reduce(SS)
+
+
+def _paint(img: Image.Image, obj: dict[str, str], rng: np.random.Generator) -> None:
+    """Paste one object: a jittered shade of its colour, or (shaded) a ramp between two shades across the image."""
+    mask = _object_mask(obj, rng, img.size[0])
+    if obj.get("fill") != "shaded":
+        img.paste(jitter_colour(rng, obj["colour"]), mask=mask)
+        return
+    a, b = np.array(jitter_colour(rng, obj["colour"])), np.array(jitter_colour(rng, obj["colour"]))
+    y, x = _grid(img.size[0])
+    angle = rng.uniform(0, 2 * math.pi)
+    t = ((x * math.cos(angle) + y * math.sin(angle)) * 0.5 + 0.5)[:, :, None]
+    layer = np.rint((1 - t) * a + t * b).astype(np.uint8)
+    img.paste(Image.fromarray(layer, "RGB"), mask=mask)
+
+
+def _lines(draw: ImageDraw.ImageDraw, rng: np.random.Generator, size: int) -> None:
+    """Distractor lines in a random grey, thin enough never to hide an object."""
+    for _ in range(int(rng.integers(1, 3))):
+        x0, y0, x1, y1 = (int(v) for v in rng.integers(0, size, 4))
+        grey = int(rng.integers(0, 256))
+        draw.line((x0, y0, x1, y1), fill=(grey, grey, grey), width=1)
+
+
+def _specks(draw: ImageDraw.ImageDraw, rng: np.random.Generator, size: int) -> None:
+    """1-2 pixel specks of any colour."""
+    for _ in range(int(rng.integers(1, 4))):
+        x, y = (int(v) for v in rng.integers(0, size - 2, 2))
+        side = int(rng.integers(0, 2))
+        draw.rectangle((x, y, x + side, y + side), fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+
+
+def draw_scene(
+    objects: Sequence[dict[str, str]], rng: np.random.Generator, image_size: int = 64
+) -> tuple[Image.Image, dict[str, Any]]:
+    """Render objects (colour, shape, size, position, optional fill) in a random style; returns the image and the
+    style drawn (background family, distractors, blur) for the sample's meta."""
+    pixels, background = _background(rng, image_size)
+    img = Image.fromarray(pixels, "RGB")
+    draw = ImageDraw.Draw(img)
+    lines, specks = bool(rng.random() < 0.3), bool(rng.random() < 0.4)
+    if lines:
+        _lines(draw, rng, image_size)
+    for obj in objects:
+        _paint(img, obj, rng)
+    if specks:
+        _specks(draw, rng, image_size)
+    blur = float(rng.uniform(0.4, 0.9)) if rng.random() < BLUR_PROB else 0.0
+    if blur:
+        img = img.filter(ImageFilter.GaussianBlur(blur))
+    return img, {"background": background, "lines": lines, "specks": specks, "blur": round(blur, 3)}
 
 
 def render(objects: Sequence[dict[str, str]], rng: np.random.Generator, image_size: int = 64) -> Image.Image:
-    """Render objects (dicts with colour, shape, size, position) onto a fresh noisy background."""
-    img = Image.fromarray(_background(rng, image_size), "RGB")
-    draw = ImageDraw.Draw(img)
-    for obj in objects:
-        _draw_object(draw, rng, obj, image_size)
-    if rng.random() < SPECK_PROB:
-        x, y = rng.integers(0, image_size - 2, 2)
-        speck = tuple(int(v) for v in rng.integers(0, 256, 3))
-        draw.rectangle((int(x), int(y), int(x) + 1, int(y) + 1), fill=speck)
-    return img
+    """Render objects (dicts with colour, shape, size, position and optionally fill) in a random style."""
+    return draw_scene(objects, rng, image_size)[0]
 
 
 def _fix_articles(text: str) -> str:
@@ -188,42 +321,79 @@ def caption_for(objects: Sequence[dict[str, str]], template: int) -> str:
     """Caption for one or two objects with the given template index (into SINGLE_ or PAIR_CAPTIONS)."""
     first = objects[0]
     fields: dict[str, str] = dict(first, where=WHERE[first["position"]], rel=RELATION.get(first["position"], ""))
+    fields["fill"] = FILL_WORDS.get(first.get("fill", "solid"), "")
     if len(objects) == 1:
         return _fix_articles(SINGLE_CAPTIONS[template].format(**fields))
-    fields.update({f"{k}2": v for k, v in objects[1].items()})
+    fields.update({f"{k}2": v for k, v in objects[1].items()}, where2=WHERE[objects[1]["position"]])
     return _fix_articles(PAIR_CAPTIONS[template].format(**fields))
 
 
-def _pick_objects(rng: np.random.Generator, split: str, cls: int | None) -> list[dict[str, str]]:
+def caption_choices(objects: Sequence[dict[str, str]]) -> list[int]:
+    """Template indices usable for these objects: fill words only for the training fills (an ood fill has none)."""
+    if len(objects) > 1:
+        return list(range(len(PAIR_CAPTIONS)))
+    named = objects[0].get("fill", "solid") in FILL_WORDS
+    return [i for i, t in enumerate(SINGLE_CAPTIONS) if named or "{fill}" not in t]
+
+
+def _fill(rng: np.random.Generator, shape: str, ood: bool) -> str:
+    if ood:
+        return OOD_FILLS[rng.integers(len(OOD_FILLS))]
+    fills = TRAIN_FILLS if shape not in ("circle", "ring") else TRAIN_FILLS[:2]
+    return fills[rng.integers(len(fills))]
+
+
+def _single(rng: np.random.Generator, colour: str, shape: str, size: str, ood: bool) -> dict[str, str]:
+    position = POSITIONS[rng.integers(len(POSITIONS))]
+    return dict(colour=colour, shape=shape, size=size, position=position, fill=_fill(rng, shape, ood))
+
+
+def eval_class(split: str, idx: int) -> tuple[str, str]:
+    """The class of eval sample ``idx``: held-out and seen classes alternate in ``eval``, all 64 cycle in ``ood``."""
+    if split == "ood":
+        return COLOURS[idx % 64 // len(SHAPES)], SHAPES[idx % len(SHAPES)]
+    if idx % 2 == 0:
+        return HELDOUT_ORDER[idx // 2 % len(HELDOUT_ORDER)]
+    return SEEN[idx // 2 % len(SEEN)]
+
+
+def _pick_objects(rng: np.random.Generator, split: str, cls: tuple[str, str] | None) -> list[dict[str, str]]:
     if split not in SPLIT_IDS:
         raise ValueError(f"unknown split '{split}' (expected one of {SPLITS})")
     size = SIZES[rng.integers(len(SIZES))]
-    if split == "eval":
-        cls = int(rng.integers(len(COLOURS) * len(SHAPES))) if cls is None else cls
-        colour, shape = COLOURS[cls // len(SHAPES)], SHAPES[cls % len(SHAPES)]
-        return [dict(colour=colour, shape=shape, size=size, position=POSITIONS[rng.integers(len(POSITIONS))])]
+    if split != "train":
+        colour, shape = cls if cls is not None else eval_class(split, int(rng.integers(2 * len(SEEN))))
+        return [_single(rng, colour, shape, size, ood=split == "ood")]
     if rng.random() >= PAIR_PROB:
-        colour, shape = SEEN[rng.integers(len(SEEN))]
-        return [dict(colour=colour, shape=shape, size=size, position=POSITIONS[rng.integers(len(POSITIONS))])]
+        return [_single(rng, *SEEN[rng.integers(len(SEEN))], size, ood=False)]
     i, j = rng.choice(len(SEEN), size=2, replace=False)
     positions = PAIR_AXES[rng.integers(2)][:: 1 if rng.random() < 0.5 else -1]
     sizes = (size, SIZES[rng.integers(len(SIZES))])
     return [
-        dict(colour=SEEN[k][0], shape=SEEN[k][1], size=s, position=p)
+        dict(colour=SEEN[k][0], shape=SEEN[k][1], size=s, position=p, fill=_fill(rng, SEEN[k][1], False))
         for k, s, p in zip((i, j), sizes, positions, strict=True)
     ]
 
 
 def generate_sample(
-    rng: np.random.Generator, split: str, image_size: int = 64, *, cls: int | None = None
+    rng: np.random.Generator, split: str, image_size: int = 64, *, cls: int | tuple[str, str] | None = None
 ) -> tuple[Image.Image, str, dict[str, Any]]:
-    """One (image, caption, meta); `cls` fixes the class of an eval sample (round-robin balancing)."""
+    """One (image, caption, meta); ``cls`` (an index or a (colour, shape)) fixes the class of an eval/ood sample."""
+    if isinstance(cls, int):
+        cls = (COLOURS[cls // len(SHAPES)], SHAPES[cls % len(SHAPES)])
     objects = _pick_objects(rng, split, cls)
-    templates = SINGLE_CAPTIONS if len(objects) == 1 else PAIR_CAPTIONS
-    caption = caption_for(objects, int(rng.integers(len(templates))))
-    image = render(objects, rng, image_size)
+    choices = caption_choices(objects)
+    caption = caption_for(objects, choices[int(rng.integers(len(choices)))])
+    image, style = draw_scene(objects, rng, image_size)
     primary = (objects[0]["colour"], objects[0]["shape"])
-    meta = {"objects": objects, "n_objects": len(objects), "cls": class_index(*primary), "heldout": primary in HELDOUT}
+    meta = {
+        "objects": objects,
+        "n_objects": len(objects),
+        "cls": class_index(*primary),
+        "heldout": primary in HELDOUT,
+        "ood": split == "ood",
+        "style": style,
+    }
     return image, caption, meta
 
 
@@ -236,9 +406,8 @@ def _png(image: Image.Image) -> bytes:
 def shard_samples(split: str, shard: int, start: int, count: int, seed: int, image_size: int) -> Iterator[dict]:
     """Encoded samples of one shard; seeded by (seed, split, shard) so any shard can be made independently."""
     rng = np.random.default_rng([seed, SPLIT_IDS[split], shard])
-    n_classes = len(COLOURS) * len(SHAPES)
     for idx in range(start, start + count):
-        cls = idx % n_classes if split == "eval" else None
+        cls = eval_class(split, idx) if split != "train" else None
         image, caption, meta = generate_sample(rng, split, image_size, cls=cls)
         yield {
             "__key__": f"{split}-{idx:08d}",
@@ -275,13 +444,11 @@ def _plan(n_samples: int, shard_size: int) -> list[tuple[int, int, int]]:
     return [(i, start, min(shard_size, n_samples - start)) for i, start in enumerate(range(0, n_samples, shard_size))]
 
 
-def _expected_info(n_train: int, n_eval: int, seed: int, shard_size: int, image_size: int) -> dict[str, Any]:
-    splits = {}
-    for split, n in (("train", n_train), ("eval", n_eval)):
-        splits[split] = {"num_samples": n, "num_shards": len(_plan(n, shard_size))}
+def _expected_info(counts: dict[str, int], seed: int, shard_size: int, image_size: int) -> dict[str, Any]:
+    splits = {split: {"num_samples": n, "num_shards": len(_plan(n, shard_size))} for split, n in counts.items()}
     heldout = [list(pair) for pair in sorted(HELDOUT)]
     info = {"name": "shapes", "seed": seed, "image_size": image_size, "shard_size": shard_size, "splits": splits}
-    return {**info, "heldout": heldout, "version": VERSION}
+    return {**info, "heldout": heldout, "ood_fills": list(OOD_FILLS), "version": VERSION}
 
 
 def _is_complete(out: Path, info: dict[str, Any]) -> bool:
@@ -319,23 +486,29 @@ def _run_tasks(tasks: list[tuple], workers: int, progress: bool) -> None:
 def write_shapes(
     out: str | Path,
     n_train: int = 40000,
-    n_eval: int = 2048,
+    n_eval: int = 4096,
     seed: int = 0,
     shard_size: int = 2000,
     image_size: int = 64,
     workers: int = 2,
     progress: bool = True,
+    n_ood: int | None = None,
 ) -> dict[str, Any]:
-    """Write the train/eval shards, classnames, templates and info.json; a no-op if they already match."""
+    """Write the train/eval/ood shards, classnames, templates and info.json; a no-op if they already match.
+
+    ``n_eval`` images alternate held-out and seen classes (half are held-out); ``n_ood`` defaults to n_eval / 2.
+    """
     out = Path(out)
-    if shard_size < 1 or n_train < 0 or n_eval < 0:
+    n_ood = n_eval // 2 if n_ood is None else n_ood
+    if shard_size < 1 or min(n_train, n_eval, n_ood) < 0:
         raise ValueError("shard_size must be >= 1 and sample counts >= 0")
-    info = _expected_info(n_train, n_eval, seed, shard_size, image_size)
+    counts = {"train": n_train, "eval": n_eval, "ood": n_ood}
+    info = _expected_info(counts, seed, shard_size, image_size)
     if _is_complete(out, info):
         return info
     (out / "info.json").unlink(missing_ok=True)  # an interrupted run must not look complete
     tasks = []
-    for split, n in (("train", n_train), ("eval", n_eval)):
+    for split, n in counts.items():
         (out / split).mkdir(parents=True, exist_ok=True)
         plan = _plan(n, shard_size)
         _remove_stale(out, split, len(plan))

@@ -2,7 +2,8 @@
 
 ``--data PATH`` is recognised by its layout:
 
-- shapes-style folder (``eval/*.tar`` + ``classnames.txt``): zero-shot (held-out / seen), retrieval, linear probe;
+- shapes-style folder (``eval/*.tar`` + ``classnames.txt``, optional ``ood/*.tar``): zero-shot (held-out / seen /
+  ood), retrieval (instance and class-level R@1), linear probe;
 - ImageFolder (``root/<class>/*.png|jpg``, or ``root/train/<class>`` + ``root/test|val/<class>``): zero-shot on the
   test split (or the whole folder), linear probe from train to test. Class names are the folder names, or the
   lines of ``classnames.txt`` (one per folder, in sorted folder order); templates come from ``templates.txt``
@@ -45,7 +46,13 @@ from clipslim.data.loader import (
 )
 from clipslim.eval.linear_probe import linear_probe
 from clipslim.eval.retrieval import retrieval_metrics
-from clipslim.eval.run import RECALL_KS, classification_masks, encode_batches, evaluate_features
+from clipslim.eval.run import (
+    RECALL_KS,
+    classification_masks,
+    encode_batches,
+    encode_shapes_eval,
+    evaluate_features,
+)
 from clipslim.eval.zeroshot import autocast_ctx, build_classifier, zeroshot_metrics
 
 log = logging.getLogger(__name__)
@@ -360,9 +367,10 @@ def _probes(train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, 
 
 
 def _flat_zeroshot(results: dict[str, Any]) -> dict[str, Any]:
-    """Shapes' zero-shot groups as one flat CLIP_benchmark metrics dict: all classes, then ``heldout_``/``seen_``."""
+    """Shapes' zero-shot groups as one flat CLIP_benchmark metrics dict: all in-distribution classes, then
+    ``heldout_``/``seen_``/``ood_`` (``ood_acc1`` is None and ``ood_n`` 0 on a folder without an ood split)."""
     flat = dict(results["zeroshot_all"])
-    for split in ("heldout", "seen"):
+    for split in ("heldout", "seen", "ood"):
         flat.update({f"{split}_{k}": v for k, v in results[f"zeroshot_{split}"].items()})
     return flat
 
@@ -383,7 +391,7 @@ def _shapes_tasks(bundle: Any, data: EvalData, tasks: Sequence[str], opts: RunOp
         loader = make_loader(str(root / split), bundle.preprocess_val, bundle.tokenizer, opts.batch_size, train=False)
         return encode_batches(model, loader, device=opts.device, amp=opts.use_amp, progress=opts.progress)
 
-    feats = encode("eval")
+    feats = encode_shapes_eval(bundle, root, opts.batch_size, opts.device, opts.use_amp, opts.progress)
     skipped = dict(feats.skipped)
     if {"zeroshot_classification", "zeroshot_retrieval"} & set(tasks):
         names, templates = read_lines(root / "classnames.txt"), read_lines(root / "templates.txt")

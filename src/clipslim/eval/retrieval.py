@@ -67,3 +67,27 @@ def retrieval_metrics(
     metrics = {f"image_retrieval_recall@{k}": img_recall[k] for k in ks}
     metrics.update({f"text_retrieval_recall@{k}": txt_recall[k] for k in ks})
     return metrics
+
+
+def class_retrieval_metrics(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    text_to_image: torch.Tensor,
+    image_labels: torch.Tensor,
+    chunk: int = 1024,
+) -> dict[str, float]:
+    """Class-level R@1: a hit when the top-ranked item has the query's class, not only when it is the very item.
+
+    Instance R@1 says little when captions repeat ("a red star" describes hundreds of images): any of the matching
+    images is a correct answer, so this counts one. ``image_labels[i]`` is image i's class.
+    """
+    text_to_image = torch.as_tensor(text_to_image, device=text_features.device).long()
+    _check(image_features, text_features, text_to_image)
+    images, texts = image_features.float(), text_features.float().to(image_features.device)
+    labels = torch.as_tensor(image_labels, device=images.device).long()
+    if labels.shape != (images.shape[0],):
+        raise ValueError(f"image_labels must have one entry per image ({images.shape[0]})")
+    text_labels = labels[text_to_image.to(images.device)]
+    img = _recall(texts, images, lambda rows, top: labels[top] == text_labels[rows, None], (1,), chunk)
+    txt = _recall(images, texts, lambda rows, top: text_labels[top] == labels[rows, None], (1,), chunk)
+    return {"image_retrieval_class_recall@1": img[1], "text_retrieval_class_recall@1": txt[1]}

@@ -17,12 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from clipslim.eval.retrieval import retrieval_metrics
+from clipslim.eval.retrieval import class_retrieval_metrics, retrieval_metrics
 from clipslim.eval.zeroshot import autocast_ctx, build_classifier, zeroshot_metrics
 from clipslim.io import atomic_write_json
 
 RECALL_KS = (1, 5, 10)
 DEFAULT_TASK = "zeroshot_classification+zeroshot_retrieval"
+SHAPES_EVAL_SPLITS = ("eval", "ood")  # shapes splits scored by eval: in-distribution, then the held-out style
 
 
 @dataclass
@@ -81,16 +82,20 @@ def _meta_tensor(meta: list[dict[str, Any]], name: str, default: Any, dtype: tor
 
 
 def classification_masks(meta: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Rows that count for classification (a labelled single-object image), split by held-out class."""
+    """Rows that count for classification (a labelled single-object image): in-distribution ones (``all``) split by
+    held-out class, and ``ood`` (shapes' ood split: a rendering style never trained on, all classes)."""
     labels = _meta_tensor(meta, "cls", -1, torch.long)
     single = _meta_tensor(meta, "n_objects", 1, torch.long) == 1
     heldout = _meta_tensor(meta, "heldout", False, torch.bool)
+    ood = _meta_tensor(meta, "ood", False, torch.bool)
     valid = (labels >= 0) & single
-    return {"heldout": valid & heldout, "seen": valid & ~heldout, "all": valid}
+    indist = valid & ~ood
+    return {"heldout": indist & heldout, "seen": indist & ~heldout, "all": indist, "ood": valid & ood}
 
 
 def evaluate_features(features: Features, classifier: torch.Tensor) -> dict[str, Any]:
-    """Zero-shot classification (C-way over all classes, split held-out/seen) and retrieval on all rows."""
+    """Zero-shot classification (C-way over all classes; held-out / seen / ood groups) and retrieval over the
+    in-distribution rows, with class-level R@1 (a hit when the top item has the query's class) beside instance R@1."""
     n = len(features.meta)
     if features.image.shape[0] != n or features.text.shape[0] != n:
         raise ValueError(f"features have {features.image.shape[0]} images, {features.text.shape[0]} texts, {n} metas")
@@ -98,11 +103,16 @@ def evaluate_features(features: Features, classifier: torch.Tensor) -> dict[str,
     results: dict[str, Any] = {}
     for split, mask in classification_masks(features.meta).items():
         results[f"zeroshot_{split}"] = zeroshot_metrics(features.image, labels, classifier, mask)
-    if n:
-        retrieval = retrieval_metrics(features.image, features.text, torch.arange(n), ks=RECALL_KS)
+    rows = ~_meta_tensor(features.meta, "ood", False, torch.bool)
+    m = int(rows.sum())
+    if m:
+        image, text = features.image[rows], features.text[rows]
+        retrieval = retrieval_metrics(image, text, torch.arange(m), ks=RECALL_KS)
+        if bool((labels[rows] >= 0).all()):
+            retrieval.update(class_retrieval_metrics(image, text, torch.arange(m), labels[rows]))
     else:
         retrieval = {f"{d}_retrieval_recall@{k}": math.nan for d in ("image", "text") for k in RECALL_KS}
-    results["retrieval"] = {**retrieval, "n": n}
+    results["retrieval"] = {**retrieval, "n": m}
     results["skipped"] = dict(features.skipped)
     return results
 
@@ -115,21 +125,52 @@ def evaluate_shapes(
     progress: bool = True,
     amp: bool | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a ``ClipBundle`` on a shapes-style folder (``eval/*.tar``, ``classnames.txt``, ``templates.txt``).
+    """Evaluate a ``ClipBundle`` on a shapes-style folder (``eval/*.tar``, ``classnames.txt``, ``templates.txt``,
+    and ``ood/*.tar`` when present: its rows form the ``zeroshot_ood`` group).
 
     ``amp`` defaults to on for CUDA, like CLIP_benchmark; on CPU it has no effect.
     """
-    from clipslim.data.loader import make_loader  # lazy: data pulls in webdataset and PIL
     from clipslim.data.shapes import read_lines
 
     data_dir = Path(data_dir)
     amp = torch.device(device).type == "cuda" if amp is None else amp
     classnames, templates = read_lines(data_dir / "classnames.txt"), read_lines(data_dir / "templates.txt")
     model = bundle.model.to(device)
-    loader = make_loader(str(data_dir / "eval"), bundle.preprocess_val, bundle.tokenizer, batch_size, train=False)
-    features = encode_batches(model, loader, device=device, amp=amp, progress=progress)
+    features = encode_shapes_eval(bundle, data_dir, batch_size, device, amp, progress)
     classifier = build_classifier(model, bundle.tokenizer, classnames, templates, device=device, amp=amp)
     return evaluate_features(features, classifier.cpu())
+
+
+def concat_features(parts: list[Features]) -> Features:
+    """One Features from several splits (rows in order; skip counts summed)."""
+    skipped: dict[str, int] = {}
+    for part in parts:
+        for name, count in part.skipped.items():
+            skipped[name] = skipped.get(name, 0) + count
+    parts = [p for p in parts if len(p.meta)] or parts[:1]
+    image, text = torch.cat([p.image for p in parts]), torch.cat([p.text for p in parts])
+    return Features(image, text, [m for p in parts for m in p.meta], skipped, [k for p in parts for k in p.key])
+
+
+def encode_shapes_eval(
+    bundle: Any,
+    data_dir: str | Path,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    amp: bool = False,
+    progress: bool = True,
+) -> Features:
+    """Features of a shapes folder's ``eval/`` split, plus its ``ood/`` split when the folder has one (v2+)."""
+    from clipslim.data.loader import make_loader  # lazy: data pulls in webdataset and PIL
+
+    data_dir, parts = Path(data_dir), []
+    for split in SHAPES_EVAL_SPLITS:
+        folder = data_dir / split
+        if split != "eval" and not any(folder.glob("*.tar")):
+            continue
+        loader = make_loader(str(folder), bundle.preprocess_val, bundle.tokenizer, batch_size, train=False)
+        parts.append(encode_batches(bundle.model.to(device), loader, device=device, amp=amp, progress=progress))
+    return concat_features(parts)
 
 
 def split_model_spec(spec: str) -> tuple[str, str]:

@@ -385,7 +385,7 @@ def _terms(out: dict[str, torch.Tensor]) -> dict[str, float]:
 
 def _flat_eval(results: dict[str, Any]) -> dict[str, Any]:
     flat = {}
-    for group in ("zeroshot_heldout", "zeroshot_seen", "retrieval"):
+    for group in ("zeroshot_heldout", "zeroshot_seen", "zeroshot_ood", "retrieval"):
         for key, value in (results.get(group) or {}).items():
             if key != "n":
                 flat[f"{group}/{key}"] = value
