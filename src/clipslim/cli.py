@@ -181,11 +181,15 @@ def cmd_inherit(args: argparse.Namespace) -> None:
     from .inherit.importance import inherit_to_folder
 
     report = inherit_to_folder(
-        args.teacher, args.student, args.strategy, args.out, data=args.data, calib_batches=args.calib_batches
-    )
+        args.teacher, args.student, args.strategy, args.out, data=args.data, calib_batches=args.calib_batches,
+        preprocess=args.preprocess,
+    )  # fmt: skip
     ev = report.get("eval") or {}
     brief = {k: (ev.get(k) or {}).get("acc1") for k in ("zeroshot_heldout", "zeroshot_seen")}
     print(json.dumps({"strategy": report["strategy"], "layers": report["visual_layers"], **brief}, default=str))
+    pre, adopted = report["preprocess"], report["preprocess_adopted"]
+    source = f"from the teacher ({', '.join(adopted)} changed)" if adopted else "(student config's own)"
+    print(f"student preprocessing {source}: size {pre['size']}, mean {pre['mean']}, std {pre['std']}")
     print(f"wrote {args.out} (inherit.json has the kept teacher indices)")
 
 
@@ -287,7 +291,14 @@ def _add_inherit_parsers(sub: argparse._SubParsersAction) -> None:
     i = sub.add_parser("inherit", help="build a student from a teacher's weights (manual or importance-ranked)")
     i.add_argument("--teacher", required=True, help="teacher model spec, e.g. shapes-teacher:demo")
     i.add_argument("--student", required=True, help="student architecture, e.g. shapes-student-50")
-    i.add_argument("--strategy", default="manual", help="manual | importance:magnitude|activation|gradient")
+    i.add_argument(
+        "--strategy", default="manual", help="manual | importance:magnitude|activation|gradient (default: manual)"
+    )
+    i.add_argument(
+        "--preprocess", choices=["teacher", "own"], default="teacher",
+        help="teacher: the student reads images with the teacher's mean/std, interpolation and resize rule at its "
+        "own size (default); own: keep the student config's",
+    )  # fmt: skip
     i.add_argument("--out", required=True, type=Path, help="output open_clip folder (+ inherit.json)")
     i.add_argument("--data", type=Path, help="shapes-style folder: calibration batches (train/) and eval")
     i.add_argument("--calib-batches", type=int, default=4, help="calibration batches for activation/gradient")

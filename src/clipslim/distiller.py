@@ -36,14 +36,18 @@ def embed_dim(model: nn.Module) -> int:
 
 
 class OnlineTeacher:
-    """Runs a frozen teacher per batch in eval mode under no_grad (the anchors' cost, which caching removes)."""
+    """Runs a frozen teacher per batch in eval mode under no_grad (the anchors' cost, which caching removes).
 
-    def __init__(self, model: nn.Module) -> None:
+    It reads its own pixels and tokens (``image_key`` / ``text_key``, made by the loader with the teacher's own
+    transform and tokenizer, see :mod:`clipslim.data.views`); they are the student's keys when both agree."""
+
+    def __init__(self, model: nn.Module, image_key: str = "image", text_key: str = "text") -> None:
         self.model = model.eval().requires_grad_(False)
+        self.image_key, self.text_key = image_key, text_key
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, Any]) -> Outputs:
-        return encode(self.model, batch["image"], batch["text"])
+        return encode(self.model, batch[self.image_key], batch[self.text_key])
 
 
 class CachedTeacher:

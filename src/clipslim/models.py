@@ -15,6 +15,7 @@ same names work in stock ``open_clip.create_model`` once ``clipslim`` is importe
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -91,6 +92,8 @@ def resolve_spec(spec: str) -> ResolvedSpec:
     arch, _, tag = spec.partition(":")
     if not tag and Path(spec).suffix in WEIGHT_SUFFIXES:
         raise ModelSpecError(f"weights file {spec} needs an architecture: write ARCH:{spec}")
+    if "/" in arch or "\\" in arch or arch.startswith((".", "~")):
+        raise ModelSpecError(f"model path not found: {spec} (expected a hub-format folder or ARCH:WEIGHTS_FILE)")
     if open_clip.get_model_config(arch) is None:
         raise ModelSpecError(f"unknown architecture '{arch}' in model spec '{spec}' (see `clipslim models`)")
     if not tag:
@@ -135,6 +138,54 @@ def load_model(spec: str, device: str | torch.device = "cpu", precision: str = "
     tokenizer = open_clip.get_tokenizer(resolved.model_name)
     preprocess_cfg = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
     return ClipBundle(model, pre_train, pre_val, tokenizer, arch, spec, model_cfg, preprocess_cfg)
+
+
+NORMALISATION_KEYS = ("mean", "std", "interpolation", "resize_mode", "fill_color")
+"""What a student inherits of its teacher's preprocessing; the image size stays the student's own."""
+
+
+def adopt_preprocess(student: ClipBundle, source: ClipBundle) -> dict[str, list[Any]]:
+    """Give ``student`` the normalisation and resize rule ``source`` was trained with (its weights came from there),
+    rebuilding its transforms; returns ``{key: [old, new]}`` for what changed. The model's ``visual.preprocess_cfg``
+    changes too, so an export carries it and stock open_clip feeds the student what its weights expect."""
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    old = dict(student.preprocess_cfg)
+    new = {**old, **{k: source.preprocess_cfg[k] for k in NORMALISATION_KEYS if k in source.preprocess_cfg}}
+    changed = {k: [old.get(k), new[k]] for k in NORMALISATION_KEYS if _plain(old.get(k)) != _plain(new.get(k))}
+    if changed:
+        cfg = PreprocessCfg(**{k: v for k, v in new.items() if k in PreprocessCfg.__dataclass_fields__})
+        student.preprocess_train = image_transform_v2(cfg, is_train=True)
+        student.preprocess_val = image_transform_v2(cfg, is_train=False)
+        student.preprocess_cfg = new
+        student.model.visual.preprocess_cfg = new
+    return changed
+
+
+def _plain(value: Any) -> Any:
+    return [_plain(v) for v in value] if isinstance(value, list | tuple) else value
+
+
+def describe(bundle: ClipBundle) -> dict[str, Any]:
+    """What a run feeds a model and how big it is: printed at the start of a run and stored in its results."""
+    pre = bundle.preprocess_cfg
+    size = pre.get("size") or bundle.model_cfg.get("vision_cfg", {}).get("image_size")
+    tok = bundle.tokenizer
+    return {
+        "spec": bundle.spec, "arch": bundle.arch, **count_params(bundle.model).as_dict(),
+        "image_size": _plain(size), "mean": _plain(pre.get("mean")), "std": _plain(pre.get("std")),
+        "interpolation": pre.get("interpolation"), "resize_mode": pre.get("resize_mode"),
+        "tokenizer": type(tok).__name__, "context_length": getattr(tok, "context_length", None),
+    }  # fmt: skip
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """Hash of a model's weights: two specs naming the same weights agree, retrained weights do not."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 class _quiet_random_init:

@@ -41,6 +41,9 @@ class StudentSection:
     previous stage's student."""
     calib_batches: int = 4
     """Calibration batches from data.train for importance:activation / importance:gradient."""
+    preprocess: Literal["teacher", "own"] = "teacher"
+    """An inheriting student reads images the way the model it inherits from was trained (teacher: its mean/std,
+    interpolation and resize rule, at the student's own image size); own: keep the student config's."""
 
     def validate(self, where: str) -> None:
         if not self.arch:

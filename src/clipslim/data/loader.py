@@ -396,8 +396,9 @@ def _decode(
             counter.bump(parsed)
             continue
         image, caption, meta = parsed
-        tensor = preprocess(image) if rng is None else rng.run(preprocess, image)
-        yield {"image": tensor, "caption": caption, "key": str(sample.get("__key__", "")), "meta": meta}
+        pixels = preprocess(image) if rng is None else rng.run(preprocess, image)
+        pixels = pixels if isinstance(pixels, dict) else {"image": pixels}  # several models: one tensor per view
+        yield {**pixels, "caption": caption, "key": str(sample.get("__key__", "")), "meta": meta}
 
 
 def _decode_cached(src: Iterator[dict], cache: TeacherCache, counter: _SkipCounter, seed: str) -> Iterator[dict]:
@@ -411,10 +412,16 @@ def _decode_cached(src: Iterator[dict], cache: TeacherCache, counter: _SkipCount
 
 
 def _collate(samples: list[dict[str, Any]], tokenizer: Callable, counter: _SkipCounter) -> dict[str, Any]:
-    """Runs where the samples were decoded, so draining the counter here attributes skips to this batch."""
+    """Runs where the samples were decoded, so draining the counter here attributes skips to this batch.
+
+    Every tensor field of a sample (``image``, and each other model's pixels) is stacked; a tokenizer that returns a
+    dict (one entry per distinct tokenizer, see :mod:`clipslim.data.views`) adds each as its own key."""
+    tensors = {k: torch.stack([s[k] for s in samples]) for k, v in samples[0].items() if torch.is_tensor(v)}
+    tokens = tokenizer([s["caption"] for s in samples])
+    tokens = tokens if isinstance(tokens, dict) else {"text": torch.as_tensor(tokens).long()}
     return {
-        "image": torch.stack([s["image"] for s in samples]),
-        "text": torch.as_tensor(tokenizer([s["caption"] for s in samples])).long(),
+        **tensors,
+        **tokens,
         "key": [s["key"] for s in samples],
         "meta": [s["meta"] for s in samples],
         "skipped": counter.drain(),

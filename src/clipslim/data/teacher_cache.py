@@ -41,6 +41,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..config import build, to_dict
 from ..io import atomic_write_json, save_tensors
+from ..models import weights_fingerprint
 from .augment import AugmentConfig, Replay, pack, sample_params, unpack
 from .loader import (
     DataError,
@@ -79,15 +80,6 @@ def shard_fingerprint(path: str | Path) -> str:
         h.update(f.read(65536))
         f.seek(max(0, size - 65536))
         h.update(f.read())
-    return h.hexdigest()[:16]
-
-
-def teacher_fingerprint(model: torch.nn.Module) -> str:
-    """Hash of the teacher's weights: two specs naming the same weights agree, retrained weights do not."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -152,7 +144,7 @@ def make_manifest(teacher: Any, spec: str, data: str | Path, shards: list[str], 
     body = {
         "version": VERSION,
         "teacher": {
-            "spec": spec, "arch": teacher.arch, "fingerprint": teacher_fingerprint(model),
+            "spec": spec, "arch": teacher.arch, "fingerprint": weights_fingerprint(model),
             "logit_scale": float(model.logit_scale.exp()), "logit_bias": None if bias is None else float(bias),
         },
         "dataset": {
@@ -383,9 +375,13 @@ def _load_sidecar(path: Path, manifest: dict[str, Any]) -> _Table:
 class TeacherCache:
     """A validated cache, read lazily shard by shard; picklable into DataLoader workers (tables are dropped)."""
 
-    def __init__(self, root: str | Path, manifest: dict[str, Any], max_tables: int = 8) -> None:
+    def __init__(
+        self, root: str | Path, manifest: dict[str, Any], max_tables: int = 8, student: dict[str, Any] | None = None
+    ) -> None:
+        """``student``: the student's ``{"size", "mean", "std"}``. The manifest's ``image`` is what the *teacher* read
+        when caching; the student sees the same crop, resized and normalised its own way (default: the teacher's)."""
         self.root, self.manifest, self.max_tables = Path(root), manifest, max_tables
-        img = manifest["image"]
+        img = student or manifest["image"]
         self.replayer = Replay(
             build(AugmentConfig, _augment_fields(manifest), "augment"), img["size"], img["mean"], img["std"]
         )
@@ -444,9 +440,10 @@ class TeacherCache:
         }  # fmt: skip
 
     def collate(self, samples: list[dict[str, Any]], base: Callable[[list[dict]], dict]) -> dict[str, Any]:
-        batch = base(samples)
-        for name in ("teacher_image", "teacher_text"):
-            batch[name] = torch.stack([s[name] for s in samples])
+        batch = base(samples)  # stacks every tensor field, teacher_image / teacher_text included
+        missing = [name for name in ("teacher_image", "teacher_text") if name not in batch]
+        if missing:
+            raise CacheError(f"{self.root}: replayed samples lack {', '.join(missing)}")
         return batch
 
 
@@ -464,19 +461,22 @@ def open_teacher_cache(
     teacher: str | None = None,
 ) -> TeacherCache:
     """Open a cache for training on ``data`` after checking it fits: same dataset shards (by fingerprint), same
-    teacher spec (when the recipe names one), the student's image size and normalisation, and every sidecar the
-    run will read present, complete and finite. Errors are one line naming the file and the mismatch."""
+    teacher spec (when the recipe names one), and every sidecar the run will read present, complete and finite.
+    Errors are one line naming the file and the mismatch. The teacher's embeddings were made from the teacher's own
+    pixels (size and normalisation in the manifest); replay gives the student the same crop at its own ``image_size``
+    and ``mean``/``std``."""
     manifest = read_manifest(root)
     where = Path(root) / MANIFEST
     if teacher and teacher != manifest["teacher"]["spec"]:
         raise CacheError(f"{where}: cache made for teacher {manifest['teacher']['spec']}, recipe names {teacher}")
     img = manifest["image"]
-    if img["size"] != image_size:
-        raise CacheError(f"{where}: cache made for image size {img['size']}, the student takes {image_size}")
-    if any(abs(a - b) > 1e-6 for a, b in zip([*img["mean"], *img["std"]], [*mean, *std], strict=True)):
-        raise CacheError(
-            f"{where}: cache normalises with mean/std {img['mean']}/{img['std']}, the student {mean}/{std}"
-        )
+    if img["size"] != image_size or any(
+        abs(a - b) > 1e-6 for a, b in zip([*img["mean"], *img["std"]], [*mean, *std], strict=True)
+    ):
+        log.info(
+            "teacher cache: teacher read %d px, mean/std %s/%s; the student reads the same crops at %d px, %s/%s",
+            img["size"], img["mean"], img["std"], image_size, list(mean), list(std),
+        )  # fmt: skip
     cached = manifest["dataset"]["shards"]
     for shard in _tar_shards(data):
         name = Path(shard).name
@@ -487,12 +487,12 @@ def open_teacher_cache(
         if shard_fingerprint(shard) != cached[name]:
             raise CacheError(f"{where}: cache made for another dataset: {shard} changed since it was cached")
         _load_sidecar(sidecar_path(root, name), manifest)
-    return TeacherCache(root, manifest)
+    return TeacherCache(root, manifest, student={"size": image_size, "mean": list(mean), "std": list(std)})
 
 
 def check_teacher_weights(cache: TeacherCache, model: torch.nn.Module) -> None:
     """When the teacher is loaded anyway (to inherit the student from it), its weights must be the cached ones."""
-    if teacher_fingerprint(model) != cache.manifest["teacher"]["fingerprint"]:
+    if weights_fingerprint(model) != cache.manifest["teacher"]["fingerprint"]:
         raise CacheError(
             f"{cache.root / MANIFEST}: cache made with other weights for {cache.manifest['teacher']['spec']}"
         )

@@ -73,11 +73,11 @@ class BatchStream:
     def _loader(self) -> Iterator[dict[str, Any]]:
         from ..data.loader import make_loader
 
-        b, d = self.built.student, self.recipe.data
-        preprocess = b.preprocess_train if d.augment else b.preprocess_val
+        d = self.recipe.data
+        preprocess, tokenizer = self.built.loader_transforms(d.augment)
         return iter(
             make_loader(
-                d.train, preprocess, b.tokenizer, self.recipe.train.batch_size, train=True,
+                d.train, preprocess, tokenizer, self.recipe.train.batch_size, train=True,
                 seed=self.recipe.train.seed, epoch=self.epoch, num_workers=d.num_workers,
                 rank=self.env.rank, world_size=self.env.world_size, teacher_cache=self.built.teacher_cache,
             )
@@ -187,6 +187,7 @@ class Trainer:
         self.device = init_distributed(self.env, pick_device(self.cfg.device))
         seed_everything(self.cfg.seed)
         self.built = build(recipe, self.device)
+        self.summary = self.built.summary(recipe)
         self.model = self.built.distiller
         self.forward = wrap_ddp(self.model, self.device)  # DDP also syncs every objective's extras
         self.teacher = teacher_source(self.built)  # online, cached (no teacher forward) or None
@@ -211,6 +212,7 @@ class Trainer:
     def _write_run_files(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.run_dir / "recipe.yaml", recipe_to_yaml(self.recipe))
+        log.info("%s", format_summary(self.summary))
         if self.built.inherit_report is not None:
             atomic_write_json(self.run_dir / "inherit.json", self.built.inherit_report)
 
@@ -367,9 +369,10 @@ class Trainer:
         b = self.built.student
         export_open_clip(
             b.model, b.model_cfg, self.run_dir / "student", preprocess_cfg=b.preprocess_cfg, arch=b.arch,
-            extra={"recipe": self.recipe.name, "step": self.step},
+            extra={"recipe": self.recipe.name, "step": self.step, "teacher": _provenance(self.summary["teacher"])},
         )  # fmt: skip
         results: dict[str, Any] = {"recipe": self.recipe.name, "steps": self.step, **count_params(b.model).as_dict()}
+        results["run"] = self.summary
         results["skipped"] = self.stream.skipped
         results["bad_steps"] = self.bad_steps
         results["eval"] = self.evaluate()
@@ -377,6 +380,38 @@ class Trainer:
         skipped = sum(self.stream.skipped.values())
         log.info("skipped %d bad training samples %s", skipped, self.stream.skipped or "")
         return results
+
+
+def _provenance(teacher: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What an exported student records of its teacher: enough to find the exact weights again."""
+    return None if teacher is None else {"spec": teacher["spec"], "weights_sha256_16": teacher.get("weights")}
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The start-of-run block: each model's spec, size and the pixels/tokens it reads, then data and objectives."""
+    lines = ["run:"]
+    for role in ("teacher", "student"):
+        m = summary.get(role)
+        if m is None:
+            continue
+        params = f"{m['params'] / 1e6:.2f}M params" if "params" in m else f"cached in {m.get('cache')}"
+        lines.append(
+            f"  {role:8s} {m['spec']} ({params}); images {_size(m)} px, mean {_nums(m.get('mean'))} std "
+            f"{_nums(m.get('std'))}" + (f"; {m['tokenizer']} ctx {m['context_length']}" if "tokenizer" in m else "")
+        )
+    terms = ", ".join(f"{k} {v:g}" for k, v in summary["objectives"].items())
+    lines.append(f"  data     {summary['data']}; {summary['steps']} steps x {summary['batch_size']}")
+    lines.append(f"  loss     {terms} (teacher: {summary['teacher_source']})")
+    return "\n".join(lines)
+
+
+def _size(m: dict[str, Any]) -> str:
+    size = m.get("image_size") or m.get("size")
+    return "x".join(map(str, size)) if isinstance(size, list) else str(size)
+
+
+def _nums(values: Any) -> str:
+    return "?" if values is None else "/".join(f"{v:.3g}" for v in values)
 
 
 def _terms(out: dict[str, torch.Tensor]) -> dict[str, float]:

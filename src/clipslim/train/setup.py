@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..config import ConfigError
+from ..data.views import ModelView, Tokenizers, Views, model_view
 from ..distiller import CachedTeacher, Distiller, OnlineTeacher, embed_dim
-from ..models import ClipBundle, load_model
+from ..models import ClipBundle, adopt_preprocess, describe, load_model, weights_fingerprint
 from ..recipe import Recipe
 from .hooks import StepHook
 
@@ -30,6 +32,44 @@ class Built:
     """Called before every step (see :mod:`clipslim.train.hooks`)."""
     teacher_cache: TeacherCache | None = None
     """data.teacher_cache, validated: teacher embeddings come from it and the teacher never runs."""
+    views: list[ModelView] = field(default_factory=list)
+    """What each model reads (student first); the loader makes one tensor per distinct transform/tokenizer."""
+
+    def loader_transforms(self, augment: bool) -> tuple[Callable, Callable]:
+        """(image transform, tokenizer) for the training loader: the student's own when every model reads the same
+        pixels and tokens (bit-identical to a student-only run), else per-model :class:`Views` / :class:`Tokenizers`."""
+        s = self.student
+        pixels = self.views if len({v.pixels_id for v in self.views}) > 1 else None
+        tokens = self.views if len({v.tokens_id for v in self.views}) > 1 else None
+        transform = Views(pixels, augment) if pixels else (s.preprocess_train if augment else s.preprocess_val)
+        return transform, Tokenizers(tokens) if tokens else s.tokenizer
+
+    def teacher_keys(self) -> tuple[str, str]:
+        """Batch keys of the teacher's pixels and tokens (the student's when they are the same)."""
+        s, t = self.views[0], next(v for v in self.views if v.name == "teacher")
+        return (
+            t.image_key if t.pixels_id != s.pixels_id else "image",
+            t.text_key if t.tokens_id != s.tokens_id else "text",
+        )
+
+    def summary(self, recipe: Recipe) -> dict[str, Any]:
+        """Who reads what: recorded in results.json and printed at the start of a run."""
+        return {
+            "student": describe(self.student),
+            "teacher": self._teacher_summary(recipe),
+            "teacher_source": "cache" if self.teacher_cache else "online" if self.teacher else "none",
+            "data": recipe.data.train, "steps": recipe.train.steps, "batch_size": recipe.train.batch_size,
+            "objectives": dict(self.distiller.weights),
+        }  # fmt: skip
+
+    def _teacher_summary(self, recipe: Recipe) -> dict[str, Any] | None:
+        if self.teacher_cache is not None:
+            m = self.teacher_cache.manifest
+            return {"spec": m["teacher"]["spec"], "weights": m["teacher"].get("fingerprint"),
+                    "cache": str(self.teacher_cache.root), **m["image"]}  # fmt: skip
+        if self.teacher is None:
+            return None
+        return {**describe(self.teacher), "weights": weights_fingerprint(self.teacher.model)}
 
 
 def pick_device(name: str) -> torch.device:
@@ -38,19 +78,6 @@ def pick_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.device: '{name}' requested but no CUDA device is available")
     return torch.device(name)
-
-
-def _check_pairing(teacher: ClipBundle, student: ClipBundle) -> None:
-    """The teacher reads the student's batch, so image size and context length must agree."""
-    t_v, s_v = teacher.model_cfg.get("vision_cfg", {}), student.model_cfg.get("vision_cfg", {})
-    t_t, s_t = teacher.model_cfg.get("text_cfg", {}), student.model_cfg.get("text_cfg", {})
-    if t_v.get("image_size") != s_v.get("image_size"):
-        raise ConfigError(f"teacher: image_size {t_v.get('image_size')} differs from student {s_v.get('image_size')}")
-    if t_t.get("context_length", 77) != s_t.get("context_length", 77):
-        raise ConfigError(
-            f"teacher: context_length {t_t.get('context_length', 77)} differs from "
-            f"student {s_t.get('context_length', 77)}"
-        )
 
 
 def build_student(recipe: Recipe, teacher: ClipBundle | None) -> tuple[ClipBundle, dict | None]:
@@ -66,7 +93,15 @@ def build_student(recipe: Recipe, teacher: ClipBundle | None) -> tuple[ClipBundl
         source = load_model(recipe.student.inherit_from) if recipe.student.inherit_from else teacher
         assert source is not None
         report = _inherit(recipe, source, student)
+        if recipe.student.preprocess == "teacher":
+            report["preprocess_adopted"] = adopt_preprocess(student, source)
+            if report["preprocess_adopted"]:
+                log.info("student reads images like %s: %s", source.spec, _changes(report["preprocess_adopted"]))
     return student, report
+
+
+def _changes(changed: dict[str, list]) -> str:
+    return ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
 
 
 def _inherit(recipe: Recipe, source: ClipBundle, student: ClipBundle) -> dict:
@@ -100,7 +135,6 @@ def build(recipe: Recipe, device: torch.device) -> Built:
     cache = _open_cache(recipe, student, teacher) if cached else None
     teacher = None if cached else teacher  # cached mode: loaded only to inherit from, never run
     if teacher is not None:
-        _check_pairing(teacher, student)
         teacher.model.to(device).eval().requires_grad_(False)
     t_dim = cache.embed_dim if cache else embed_dim(teacher.model) if teacher else None
     distiller = Distiller(student.model, recipe.objective_specs(), t_dim, recipe.train.local_loss)
@@ -115,7 +149,10 @@ def build(recipe: Recipe, device: torch.device) -> Built:
         from ..tokens import token_hook
 
         hooks.append(token_hook(recipe.tokens, student.model))
-    return Built(distiller, student, teacher, report, hooks, cache)
+    views = [model_view(student, "student", "image", "text")]
+    if teacher is not None:
+        views.append(model_view(teacher, "teacher", "teacher_pixels", "teacher_tokens"))
+    return Built(distiller, student, teacher, report, hooks, cache, views)
 
 
 def _open_cache(recipe: Recipe, student: ClipBundle, teacher: ClipBundle | None) -> TeacherCache:
@@ -140,4 +177,4 @@ def teacher_source(built: Built) -> OnlineTeacher | CachedTeacher | None:
         return None
     if built.teacher_cache is not None:
         return CachedTeacher(built.teacher_cache.logit_scale, built.teacher_cache.logit_bias)
-    return None if built.teacher is None else OnlineTeacher(built.teacher.model)
+    return None if built.teacher is None else OnlineTeacher(built.teacher.model, *built.teacher_keys())
