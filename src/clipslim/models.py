@@ -8,6 +8,7 @@ A model *spec* names where a model comes from, the way a user would say it:
 - ``shapes-teacher:/x/ckpt.safetensors`` (or ``.pt``)  architecture + local weights file
 - ``/x/run/export`` or ``local-dir:/x/run/export``    a hub-format folder (``open_clip_config.json`` + weights)
 - ``hf-hub:org/repo``              open_clip's hub schema (needs a network)
+- ``hf:/x/clip``                   a local Hugging Face ``transformers`` CLIP folder (converted, see deploy/hf.py)
 
 clipslim registers its small configs (``model_configs/*.json``) with open_clip's own registry on import, so the
 same names work in stock ``open_clip.create_model`` once ``clipslim`` is imported.
@@ -120,6 +121,10 @@ def _read_folder_cfg(model_name: str) -> dict[str, Any]:
 
 def load_model(spec: str, device: str | torch.device = "cpu", precision: str = "fp32") -> ClipBundle:
     """Build a CLIP model from a spec with stock open_clip, with its transforms and tokenizer."""
+    if spec.strip().startswith("hf:"):  # a transformers CLIP folder, converted (deploy/hf.py)
+        from .deploy.hf import load_hf
+
+        return load_hf(spec.strip(), device=device, precision=precision)
     resolved = resolve_spec(spec)
     with _quiet_random_init():
         try:
@@ -186,6 +191,20 @@ def weights_fingerprint(model: nn.Module) -> str:
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def config_summary(arch: str) -> dict[str, Any]:
+    """Params and input size of an open_clip config, built on the meta device (no memory, no weights)."""
+    cfg = open_clip.get_model_config(arch) or {}
+    size = cfg.get("vision_cfg", {}).get("image_size")
+    row: dict[str, Any] = {"arch": arch, "image_size": size, "embed_dim": cfg.get("embed_dim")}
+    row["context_length"] = cfg.get("text_cfg", {}).get("context_length", 77)
+    try:
+        with _quiet_random_init(), torch.device("meta"):
+            model = open_clip.create_model(arch, device="meta")
+    except Exception as err:  # e.g. a timm or HF tower whose package is not installed
+        return {**row, "error": str(err).splitlines()[0] if str(err) else type(err).__name__}
+    return {**row, **count_params(model).as_dict()}
 
 
 class _quiet_random_init:

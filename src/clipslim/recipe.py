@@ -13,6 +13,7 @@ Everything is checked by :func:`load_recipe` before any compute starts.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from dataclasses import dataclass, field
@@ -213,6 +214,8 @@ class Recipe:
     train: TrainSection = field(default_factory=TrainSection)
     tokens: TokenSection | None = None
     """Training-time token compression (patch dropout / patch scaling) on a schedule; see clipslim.tokens."""
+    overrides: list[str] = field(default_factory=list)
+    """The ``--set`` overrides this recipe was loaded with: a record of how the run differs from the file."""
     stages: list[StageSection] = field(default_factory=list)
     """Multi-stage recipe (run with `clipslim stages`): each stage is a run whose student starts from the previous
     stage's student; the first stage starts from student.init (a model spec, e.g. the teacher)."""
@@ -282,8 +285,38 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+IDENTITY_KEYS = ("teacher", "student", "objectives", "tokens", "stages")
+"""Overrides of these change *what* is trained, so they also change the run's name (data paths, steps, seeds and
+other training settings do not)."""
+
+
+def run_name(name: str, overrides: list[str]) -> str:
+    """``demo-distill`` + ``--set teacher=/x/elsewhere`` -> ``demo-distill_teacher-elsewhere``: a run of a recipe
+    with another teacher, student or loss is not filed under the recipe's own name."""
+    parts = []
+    for pair in overrides:
+        key, _, value = pair.partition("=")
+        if key.split(".")[0] in IDENTITY_KEYS:
+            value = Path(value.rstrip("/")).name if "/" in value else value
+            parts.append(re.sub(r"[^A-Za-z0-9._-]+", "-", f"{key.removeprefix('objectives.')}-{value}").strip("-."))
+    if not parts:
+        return name
+    suffix = "_".join(parts)
+    if len(suffix) > 60:
+        suffix = suffix[:40] + "-" + hashlib.sha256(suffix.encode()).hexdigest()[:8]
+    return f"{name}_{suffix}"
+
+
 def recipe_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> Recipe:
-    return build(Recipe, _merge(data, parse_overrides(overrides or [])), "recipe")
+    """Build and validate a recipe; ``overrides`` (``--set``) are applied, recorded, and name the run (see
+    :func:`run_name`) unless they set ``name`` themselves."""
+    overrides = list(overrides or [])
+    merged = _merge(data, parse_overrides(overrides))
+    if overrides:
+        merged["overrides"] = [*merged.get("overrides", []), *overrides]
+        if not any(o.startswith("name=") for o in overrides) and isinstance(merged.get("name", "run"), str):
+            merged["name"] = run_name(merged.get("name", "run"), overrides)
+    return build(Recipe, merged, "recipe")
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

@@ -5,9 +5,9 @@ image and per caption (``torch.utils.flop_counter``), items/s and p50/p95 latenc
 excluded, ``repeats`` timed calls), peak memory, and the machine's own fp32 matmul FLOP/s and copy bandwidth
 measured in the same run, so "fraction of peak" is relative to this machine at this moment, not a datasheet.
 
-Peak memory on CPU is the process's resident high-water mark (``VmHWM``) over one forward, after resetting it
-through ``/proc/self/clear_refs``; allocator caching can hide reuse, so it is an estimate. Where that is not
-possible it is reported as null with the reason.
+Peak memory on CPU is the peak of the live bytes of tensors one forward creates, counted op by op (see
+:class:`_TensorPeak`): unlike the process's resident high-water mark it does not depend on pages kept from earlier
+calls. Library workspaces (oneDNN scratch) are not included. Where no probe exists it is null with the reason.
 
 The roofline's x axis is arithmetic intensity, FLOPs over the bytes every aten op reads and writes (tensor inputs
 and outputs, views excluded): the traffic of an unfused run, so an upper bound on bytes and a lower bound on
@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import platform
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_flatten, tree_leaves
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from tqdm import tqdm
 
@@ -152,12 +153,36 @@ def count_cost(fn: Callable[[], Any], module: nn.Module | None = None) -> tuple[
 # ---------------------------------------------------------------- memory
 
 
-def _proc_status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise OSError(f"/proc/self/status has no {field}")
+class _TensorPeak(TorchDispatchMode):
+    """Live bytes of the tensors a call creates, and their peak: freed storages are subtracted when they die.
+
+    Counted at the op level, so it does not depend on what the allocator kept from earlier calls (an RSS high-water
+    delta does: a model measured after a bigger one reuses its freed pages and looks almost free)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live, self.peak = 0, 0
+        self.seen: set[int] = set()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                self._track(t.untyped_storage())
+        return out
+
+    def _track(self, storage: torch.UntypedStorage) -> None:
+        key, size = storage.data_ptr(), storage.nbytes()
+        if not size or key in self.seen:
+            return
+        self.seen.add(key)
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._free, key, size)  # storages keep one Python object while they live
+
+    def _free(self, key: int, size: int) -> None:
+        self.seen.discard(key)
+        self.live -= size
 
 
 def peak_memory(fn: Callable[[], Any], device: str | torch.device) -> tuple[int | None, str]:
@@ -172,14 +197,10 @@ def peak_memory(fn: Callable[[], Any], device: str | torch.device) -> tuple[int 
         return torch.cuda.max_memory_allocated(device) - base, "torch.cuda.max_memory_allocated"
     if device.type != "cpu":
         return None, f"no peak-memory probe for device type {device.type}"
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-        base = _proc_status_kib("VmRSS")
+    probe = _TensorPeak()
+    with probe:
         fn()
-        return 1024 * max(0, _proc_status_kib("VmHWM") - base), "RSS high-water delta (/proc/self VmHWM)"
-    except OSError as err:
-        return None, f"cannot reset/read the RSS high-water mark: {err}"
+    return probe.peak, "peak live bytes of tensors the call created (op-level count; excludes library workspaces)"
 
 
 # ---------------------------------------------------------------- machine
