@@ -16,23 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .distributed import gather_outputs
-from .objectives import Dims, Objective, Outputs, get_objective
+from .objectives import Objective, get_objective
+from .outputs import Dims, Outputs, embed_dim, encode
 from .recipe import ObjectiveSpec
-
-
-def encode(model: nn.Module, images: torch.Tensor, texts: torch.Tensor) -> Outputs:
-    """Normalised embeddings and exponentiated scale of an open_clip model."""
-    image = model.encode_image(images, normalize=True)
-    text = model.encode_text(texts, normalize=True)
-    bias = getattr(model, "logit_bias", None)
-    return Outputs(image=image, text=text, logit_scale=model.logit_scale.exp(), logit_bias=bias)
-
-
-def embed_dim(model: nn.Module) -> int:
-    proj = getattr(model, "text_projection", None)
-    if isinstance(proj, nn.Parameter):
-        return proj.shape[1]
-    return int(model.visual.output_dim)
 
 
 class OnlineTeacher:

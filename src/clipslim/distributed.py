@@ -10,14 +10,12 @@ import dataclasses
 import os
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 
-if TYPE_CHECKING:  # objectives import this module; avoid the cycle at run time
-    from .objectives.base import Outputs
+from .outputs import Outputs
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from ..config import build, to_dict
 from ..io import atomic_write_json, save_tensors
 from ..models import weights_fingerprint
+from ..outputs import embed_dim
 from .augment import AugmentConfig, Replay, pack, sample_params, unpack
 from .loader import (
     DataError,
@@ -133,8 +134,6 @@ def _tar_shards(data: str | Path) -> list[str]:
 
 def make_manifest(teacher: Any, spec: str, data: str | Path, shards: list[str], opts: CacheOptions) -> dict[str, Any]:
     """Everything a cache depends on; ``cache_id`` hashes it, so any change makes old sidecars stale."""
-    from ..distiller import embed_dim
-
     model = teacher.model
     bias = getattr(model, "logit_bias", None)
     pre = teacher.preprocess_cfg

@@ -14,25 +14,7 @@ import torch
 from torch import nn
 
 from ..config import build
-
-
-@dataclass
-class Outputs:
-    """What a CLIP tower pair produces for one batch: L2-normalised embeddings and the (exponentiated) scale."""
-
-    image: torch.Tensor
-    text: torch.Tensor
-    logit_scale: torch.Tensor
-    logit_bias: torch.Tensor | None = None
-    rows: slice | None = None
-    """Local-loss mode under torchrun: the rows of the gathered batch that are this rank's queries (None: all)."""
-
-
-@dataclass(frozen=True)
-class Dims:
-    """Embedding sizes an objective may need to build projectors."""
-
-    embed_dim: int
+from ..outputs import Dims, Outputs
 
 
 @dataclass

@@ -19,7 +19,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -28,13 +28,12 @@ from torch import nn
 
 from ..config import ConfigError
 from ..distributed import current_env
+from ..hooks import StepContext
+from ..outputs import encode
 from ..proto.cluster import key_hash, lookup
 from ..proto.episode import EpisodeBuilder, default_cache_path, gather_ids
 from .affinity import soft_cross_entropy_probs
 from .base import Dims, Objective, ObjectiveConfig, Outputs, register
-
-if TYPE_CHECKING:
-    from ..train.loop import Trainer
 
 log = logging.getLogger(__name__)
 WHERE = "objectives.proto"
@@ -143,34 +142,30 @@ class ProtoObjective(Objective):
     def project(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return F.normalize(self.image_head(image.float()), dim=-1), F.normalize(self.text_head(text.float()), dim=-1)
 
-    def before_step(self, trainer: Trainer) -> None:
+    def before_step(self, ctx: StepContext) -> None:
         """Clamp τ_p (ProtoCLIP clamps after each step) and, at an episode start after warm-up, build the episode."""
         with torch.no_grad():
             self.log_scale.clamp_(0, MAX_LOG_SCALE)
         steps = self.cfg.episode_steps
-        episode = trainer.step // steps
-        if trainer.step % steps or episode < self.cfg.warmup_episodes or int(self.episode) == episode:
+        episode = ctx.step // steps
+        if ctx.step % steps or episode < self.cfg.warmup_episodes or int(self.episode) == episode:
             return
-        from ..distiller import encode  # lazily: the distiller imports the objectives
-
         if self.builder is None:
-            self.builder = EpisodeBuilder(
-                self.cfg.k, self.cfg.kmeans_iters, self.cfg.kmeans_redo, self._external(trainer)
-            )
-        student = trainer.built.distiller.student
+            self.builder = EpisodeBuilder(self.cfg.k, self.cfg.kmeans_iters, self.cfg.kmeans_redo, self._external(ctx))
+        student = ctx.student
         modes = student.training, self.training
         student.eval()
         self.eval()
         try:
             out = self.builder.build(
-                trainer, steps, lambda b: self.project(*_pair(encode(student, b["image"], b["text"]))),
-                seed=trainer.cfg.seed * 100_003 + episode,
+                ctx, steps, lambda b: self.project(*_pair(encode(student, b["image"], b["text"]))),
+                seed=ctx.seed * 100_003 + episode,
             )  # fmt: skip
         finally:
             student.train(modes[0])
             self.train(modes[1])
         self.set_episode(out, episode)
-        if trainer.step + steps >= trainer.cfg.steps:  # no episode after this one: free the mirror's workers
+        if ctx.step + steps >= ctx.total_steps:  # no episode after this one: free the mirror's workers
             self.builder.close()
 
     def set_episode(self, tensors: dict[str, torch.Tensor], episode: int) -> None:
@@ -180,22 +175,22 @@ class ProtoObjective(Objective):
             setattr(self, name, tensors[name].to(device) if name in tensors else torch.zeros(0, device=device))
         self.episode = torch.tensor(episode, device=device)
 
-    def _external(self, trainer: Trainer) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _external(self, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor] | None:
         from ..proto.external import build_cache, clip_text_encoder, load_cache, minilm_encoder
 
         if self.cfg.external == "none":
             return None
-        path = Path(self.cfg.external_cache or default_cache_path(trainer.run_dir, self.cfg.external))
+        path = Path(self.cfg.external_cache or default_cache_path(ctx.run_dir, self.cfg.external))
         if current_env().is_main and not path.exists():
             log.info("building the external-teacher cache %s (%s)", path, self.cfg.external)
             if self.cfg.external == "minilm":
-                enc = minilm_encoder(str(trainer.device))
+                enc = minilm_encoder(str(ctx.device))
             else:
-                t = trainer.built.teacher
+                t = ctx.teacher
                 if t is None:  # e.g. a cached-teacher run: no teacher model to encode captions with
                     raise ConfigError(f"{WHERE}.external: 'teacher' needs the teacher model; pass an external_cache")
-                enc = clip_text_encoder(t.model, t.tokenizer, trainer.device)
-            build_cache(trainer.recipe.data.train, enc, path, name=self.cfg.external, progress=trainer.progress)
+                enc = clip_text_encoder(t.model, t.tokenizer, ctx.device)
+            build_cache(ctx.data, enc, path, name=self.cfg.external, progress=ctx.progress)
         if current_env().enabled:
             dist.barrier()
         return load_cache(path, self.cfg.external_pca)

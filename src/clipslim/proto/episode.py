@@ -11,20 +11,17 @@ from __future__ import annotations
 
 import logging
 import time
-import weakref
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ..distributed import current_env
+from ..hooks import StepContext
 from .cluster import back_translate, key_hash, kmeans, lookup
-
-if TYPE_CHECKING:
-    from ..train.loop import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -125,32 +122,20 @@ class EpisodeBuilder:
         self.timings: list[dict[str, float]] = []
         """Per episode: seconds spent reading + extracting features and clustering (+ gather/broadcast)."""
 
-    def _sync_mirror(self, trainer: Trainer) -> None:
-        from ..train.loop import BatchStream
-
-        pos = (trainer.stream.epoch, trainer.stream.pos)
-        if self.mirror is None:
-            # A weak proxy: a strong trainer.built would close a reference cycle (built -> distiller -> this
-            # objective -> mirror -> built) that keeps the loader's workers alive after the run, and workers that
-            # ignore SIGTERM then block interpreter exit.
-            built = weakref.proxy(trainer.built)
-            self.mirror = BatchStream(built, trainer.recipe, trainer.device, trainer.env)
-        if self.mirror._it is None or (self.mirror.epoch, self.mirror.pos) != pos:
-            self.mirror.restore(*pos, {})  # first episode or after a resume: re-open at the trainer's position
+    def _sync_mirror(self, ctx: StepContext) -> None:
+        if self.mirror is None or (self.mirror.epoch, self.mirror.pos) != ctx.position:
+            if self.mirror is not None:
+                self.mirror.close()
+            self.mirror = ctx.open_stream(ctx.position)  # first episode or after a resume: at the trainer's position
 
     @torch.no_grad()
-    def extract(self, trainer: Trainer, steps: int, project: Project) -> tuple[torch.Tensor, ...]:
+    def extract(self, ctx: StepContext, steps: int, project: Project) -> tuple[torch.Tensor, ...]:
         """Key ids and projected features of the next ``steps`` batches this rank will train on."""
-        self._sync_mirror(trainer)
+        self._sync_mirror(ctx)
         ids, zi, zt = [], [], []
-        show = trainer.progress and trainer.env.is_main
-        autocast = getattr(getattr(trainer, "precision", None), "autocast", None)
-        for _ in tqdm(range(steps), desc="proto episode", leave=False, disable=not show):
+        for _ in tqdm(range(steps), desc="proto episode", leave=False, disable=not (ctx.progress and ctx.is_main)):
             batch = self.mirror.next()
-            if autocast is not None:
-                with autocast():
-                    a, b = project(batch)
-            else:
+            with ctx.autocast():
                 a, b = project(batch)
             ids.append(key_hash(batch["key"]))
             zi.append(a.float().cpu())
@@ -159,6 +144,8 @@ class EpisodeBuilder:
 
     def close(self) -> None:
         """Stop the mirror's loader workers (after the last episode of a run)."""
+        if self.mirror is not None:
+            self.mirror.close()
         self.mirror = None
 
     def external_rows(self, ids: torch.Tensor) -> torch.Tensor | None:
@@ -170,9 +157,9 @@ class EpisodeBuilder:
         rows[idx < 0] = float("nan")
         return rows
 
-    def build(self, trainer: Trainer, steps: int, project: Project, seed: int) -> dict[str, torch.Tensor]:
+    def build(self, ctx: StepContext, steps: int, project: Project, seed: int) -> dict[str, torch.Tensor]:
         t0 = time.perf_counter()
-        ids, z_image, z_text = self.extract(trainer, steps, project)
+        ids, z_image, z_text = self.extract(ctx, steps, project)
         t1 = time.perf_counter()
         env = current_env()
         if not env.enabled:
@@ -180,7 +167,7 @@ class EpisodeBuilder:
                 ids, z_image, z_text, self.external_rows(ids), k=self.k, seed=seed, niter=self.niter, nredo=self.nredo
             )
         else:
-            out = self._build_distributed(trainer.device, ids, z_image, z_text, seed)
+            out = self._build_distributed(ctx.device, ids, z_image, z_text, seed)
         t2 = time.perf_counter()
         self.timings.append({"extract_s": t1 - t0, "cluster_s": t2 - t1, "samples": float(ids.numel())})
         log.info("proto episode: %d samples, extract %.2fs, cluster %.2fs", ids.numel(), t1 - t0, t2 - t1)

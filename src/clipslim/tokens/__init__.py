@@ -9,14 +9,11 @@ model; neither changes its state dict.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 from torch import nn
 
+from ..hooks import StepContext
 from .schedule import TokenPhase, TokenSection
-
-if TYPE_CHECKING:
-    from ..train.loop import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +53,11 @@ class TokenScheduleHook:
     def __init__(self, section: TokenSection, compression: TokenCompression) -> None:
         self.section, self.compression = section, compression
 
-    def before_step(self, trainer: Trainer) -> None:
-        phase = self.section.at(trainer.step, trainer.cfg.steps)
+    def before_step(self, ctx: StepContext) -> None:
+        phase = self.section.at(ctx.step, ctx.total_steps)
         setting = (phase.patch_dropout, phase.patch_scale)
         if setting != self.compression.setting:
-            log.info("step %d: patch dropout %.2f, patch scale %dx", trainer.step, *setting)
+            log.info("step %d: patch dropout %.2f, patch scale %dx", ctx.step, *setting)
             self.compression.set(*setting)
 
 

@@ -13,6 +13,7 @@ import math
 import random
 import signal
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ..config import ConfigError, RunError
 from ..distributed import DistEnv, broadcast_flag, cleanup, env_from_torchrun, init_distributed, wrap_ddp
+from ..hooks import StepContext
 from ..io import atomic_write_json, atomic_write_text
 from ..recipe import Recipe, TrainSection, recipe_to_yaml
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -256,6 +258,23 @@ class Trainer:
         self.model.clamp_logit_scale()
         return out
 
+    def step_context(self) -> StepContext:
+        """What hooks see before a step (never the trainer itself)."""
+        return StepContext(
+            step=self.step, total_steps=self.cfg.steps, seed=self.cfg.seed, run_dir=self.run_dir, device=self.device,
+            autocast=self.precision.autocast, student=self.built.distiller.student, teacher=self.built.teacher,
+            data=self.recipe.data.train, progress=self.progress, is_main=self.env.is_main,
+            position=(self.stream.epoch, self.stream.pos), open_stream=self._open_stream,
+        )  # fmt: skip
+
+    def _open_stream(self, position: tuple[int, int]) -> BatchStream:
+        # A weak proxy: a strong self.built held by a hook's stream would close a reference cycle (built -> distiller
+        # -> objective -> stream -> built) that keeps the loader's workers alive after the run, and workers that
+        # ignore SIGTERM then block interpreter exit.
+        stream = BatchStream(weakref.proxy(self.built), self.recipe, self.device, self.env)
+        stream.restore(*position, {})
+        return stream
+
     def _count_bad(self, out: dict[str, torch.Tensor]) -> None:
         """Skip-and-count non-finite steps; stop with the culprit terms named after max_bad_steps in a row."""
         if "bad_step" not in out:
@@ -337,8 +356,10 @@ class Trainer:
             if broadcast_flag(stop.requested):  # a signal to any rank stops all of them at the same step
                 stop.requested = True
                 break
-            for hook in self.built.hooks:
-                hook.before_step(self)
+            if self.built.hooks:
+                ctx = self.step_context()
+                for hook in self.built.hooks:
+                    hook.before_step(ctx)
             out = self.train_step(self.stream.next())
             self.step += 1
             self._count_bad(out)

@@ -11,10 +11,11 @@ import torch
 
 from ..config import ConfigError
 from ..data.views import ModelView, Tokenizers, Views, model_view
-from ..distiller import CachedTeacher, Distiller, OnlineTeacher, embed_dim
+from ..distiller import CachedTeacher, Distiller, OnlineTeacher
+from ..hooks import StepHook
 from ..models import ClipBundle, adopt_preprocess, describe, load_model, weights_fingerprint
+from ..outputs import embed_dim
 from ..recipe import Recipe
-from .hooks import StepHook
 
 if TYPE_CHECKING:
     from ..data.teacher_cache import TeacherCache
@@ -29,7 +30,7 @@ class Built:
     teacher: ClipBundle | None
     inherit_report: dict | None = None
     hooks: list[StepHook] = field(default_factory=list)
-    """Called before every step (see :mod:`clipslim.train.hooks`)."""
+    """Called before every step with a :class:`clipslim.hooks.StepContext`."""
     teacher_cache: TeacherCache | None = None
     """data.teacher_cache, validated: teacher embeddings come from it and the teacher never runs."""
     views: list[ModelView] = field(default_factory=list)
