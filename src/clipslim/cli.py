@@ -146,8 +146,12 @@ def cmd_export(args: argparse.Namespace) -> None:
     from .export import export_open_clip
     from .models import load_model
 
-    b = load_model(args.model)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    if args.format == "hf":  # transformers CLIP folder, checked against open_clip (deploy/hf.py)
+        from .deploy.hf import export_hf_spec
+
+        return print(export_hf_spec(args.model, args.out, dtype))
+    b = load_model(args.model)
     out = export_open_clip(
         b.model, b.model_cfg, args.out, preprocess_cfg=b.preprocess_cfg, arch=b.arch, dtype=dtype,
         extra={"source": args.model},
@@ -265,6 +269,10 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--model", required=True, help="model spec, e.g. runs/demo/demo-distill/student")
     x.add_argument("--out", required=True, type=Path, help="output folder")
     x.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="weights dtype on disk")
+    x.add_argument(
+        "--format", choices=["open_clip", "hf"], default="open_clip",
+        help="open_clip hub folder (default) or hf: a transformers CLIPModel/CLIPProcessor folder, checked on export",
+    )  # fmt: skip
     x.set_defaults(fn=cmd_export)
 
     m = sub.add_parser("models", help="list model configs clipslim registers with open_clip")
