@@ -9,21 +9,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import webdataset as wds
 from torch.utils.data import DataLoader
 
 from clipslim.cli import main
 from clipslim.data.loader import DataError
 from clipslim.data.shapes import classnames, generate_sample
+from clipslim.eval import datasets as eval_datasets
 from clipslim.eval.datasets import (
     DEFAULT_TEMPLATES,
     ImageFolderSet,
     RetrievalSet,
     RunOptions,
+    caption_labels,
     evaluate_data,
     open_eval_data,
     parse_tasks,
 )
+from clipslim.eval.retrieval import class_retrieval_metrics, retrieval_metrics
 from clipslim.models import load_model
 
 CLASSES = (0, 9, 18, 27, 36, 45)  # six shapes classes with distinct colours and shapes
@@ -103,7 +107,7 @@ def test_image_folder_classnames_and_templates(folder, tmp_path):
     (custom / "classnames.txt").write_text("apple\n")
     with pytest.raises(DataError, match="classnames.txt: 1 class names for 2 class folders"):
         ImageFolderSet(custom)
-    (custom / "classnames.txt").write_text("apple\nbanana\n")
+    (custom / "classnames.txt").write_text("a\tapple\nb\tbanana\n")  # folder<TAB>name when names differ
     with pytest.raises(DataError, match="no images"):
         ImageFolderSet(custom)
     (custom / "a" / "x.png").write_bytes(b"not a png")
@@ -187,3 +191,99 @@ def test_cli_eval_several_models_and_datasets(captions_csv, tiny_shapes, tmp_pat
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "linear_probe" in err and "captions.csv" in err
     assert not math.isnan(shapes_zs["metrics"]["acc1"])
+
+
+# ---------------------------------------------------------------- issue 16 eval fixes
+
+
+def _two_class_folder(root: Path, names: tuple[str, ...] = ("blue_square", "red_circle"), n: int = 2) -> Path:
+    rng = np.random.default_rng(1)
+    for name in names:
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            cls = classnames().index(name.replace("_", " "))
+            generate_sample(rng, "eval", 32, cls=cls)[0].save(root / name / f"{i}.png")
+    return root
+
+
+def test_classnames_are_matched_to_folders_by_name(tmp_path):
+    root = _two_class_folder(tmp_path / "data")
+    (root / "classnames.txt").write_text("Red Circle\nblue square\n")  # not in sorted folder order
+    ds = ImageFolderSet(root)
+    assert ds.folders == ["blue_square", "red_circle"] and ds.classes == ["blue square", "Red Circle"]
+    assert [ds.classes[label] for _, label in ds.samples] == ["blue square"] * 2 + ["Red Circle"] * 2
+    (root / "classnames.txt").write_text("red_circle\tthe red disc\nblue_square\ta blue box\n")
+    assert ImageFolderSet(root).classes == ["a blue box", "the red disc"]
+    (root / "classnames.txt").write_text("red circle\ngreen star\n")
+    with pytest.raises(DataError, match=r"classnames\.txt: class folder 'blue_square' has no matching line"):
+        ImageFolderSet(root)
+
+
+def test_root_with_classification_and_retrieval_csv(tiny, tmp_path):
+    root = tmp_path / "suite"
+    _two_class_folder(root / "classification")
+    (root / "classnames.txt").write_text("red circle\nblue square\n")
+    rows = [f"classification/{p.parent.name}/{p.name},a {p.parent.name.replace('_', ' ')}"
+            for p in sorted(root.glob("classification/*/*.png"))]  # fmt: skip
+    (root / "retrieval.csv").write_text("filepath,caption\n" + "\n".join(rows) + "\n")
+    data = open_eval_data(root)
+    assert data.kind == "combined" and data.tasks == ("zeroshot_classification", "zeroshot_retrieval")
+    res = evaluate_data(tiny, data, None, QUIET)["tasks"]
+    assert (
+        res["zeroshot_classification"]["n"] == 4
+        and 0 <= res["zeroshot_classification"]["acc1"] <= 1
+        and res["zeroshot_retrieval"]["n"] == 4
+    )
+    assert res["zeroshot_retrieval"]["n_classes"] == 2  # the captions repeat per class
+
+
+def _spy_templates(monkeypatch) -> list[list[str]]:
+    seen: list[list[str]] = []
+    real = eval_datasets.build_classifier
+
+    def spy(model, tokenizer, names, templates, *args, **kwargs):
+        seen.append(list(templates))
+        return real(model, tokenizer, names, templates, *args, **kwargs)
+
+    monkeypatch.setattr(eval_datasets, "build_classifier", spy)
+    return seen
+
+
+def test_templates_file_and_templates_txt_for_image_folders(folder, tmp_path, monkeypatch, capsys):
+    seen = _spy_templates(monkeypatch)
+    argv = ["eval", "--model", "tiny-student", "--data", str(folder / "test"), "--batch-size", "32"]
+    assert main(argv) == 0 and seen[-1] == list(DEFAULT_TEMPLATES)  # no templates.txt beside test/
+    assert main(["eval", "--model", "tiny-student", "--data", str(folder), "--batch-size", "32"]) == 0
+    assert seen[-1] == list(TEMPLATES)  # templates.txt beside the data
+    mine = tmp_path / "mine.txt"
+    mine.write_text("a rendering of a {c}\n{} in a picture\n")
+    assert main([*argv, "--templates", str(mine)]) == 0
+    assert seen[-1] == ["a rendering of a {c}", "{} in a picture"]
+    capsys.readouterr()
+    mine.write_text("a {c}\nno placeholder here\n")
+    assert main([*argv, "--templates", str(mine)]) == 2
+    assert "mine.txt: line 2 has no {} or {c} placeholder" in capsys.readouterr().err
+
+
+def test_class_level_retrieval_recall_hand_made():
+    e = torch.eye(4)
+    images = F.normalize(torch.stack([e[0], e[0] + 0.1 * e[1], e[2], e[2] + 0.1 * e[3]]), dim=-1)
+    # texts 0-2 equal the *other* image of their class; text 3 (class 1) points at image 0 (class 0)
+    texts = F.normalize(torch.stack([images[1], images[0], images[3], e[0] - 0.3 * e[1]]), dim=-1)
+    t2i, labels = torch.arange(4), torch.tensor([0, 0, 1, 1])
+    instance = retrieval_metrics(images, texts, t2i, ks=(1,))
+    assert instance["image_retrieval_recall@1"] == 0.0
+    cls = class_retrieval_metrics(images, texts, t2i, labels)
+    assert cls["image_retrieval_class_recall@1"] == 0.75  # texts 0-2 hit their class, text 3 misses
+    assert cls["text_retrieval_class_recall@1"] == 1.0  # every image's top text is of its class
+    assert caption_labels([["a red star"], ["A red  star."], ["a blue ring"]]).tolist() == [0, 0, 1]
+    assert caption_labels([["a"], ["b"]]) is None
+    with pytest.raises(ValueError, match="one entry per image"):
+        class_retrieval_metrics(images, texts, t2i, labels[:3])
+
+
+def test_repeated_captions_report_class_level_recall(tiny, captions_csv):
+    res = evaluate_data(tiny, captions_csv, None, QUIET)["tasks"]["zeroshot_retrieval"]
+    assert res["n_classes"] == 6  # 24 images, 6 distinct caption sets
+    for side in ("image", "text"):
+        assert res[f"{side}_retrieval_class_recall@1"] >= res[f"{side}_retrieval_recall@1"]

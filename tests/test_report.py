@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from clipslim.cli import main
-from clipslim.eval.report import ReportError, pareto_optimal, read_input, write_report
+from clipslim.eval.report import (
+    ReportError,
+    Row,
+    pareto_optimal,
+    read_input,
+    speeds_tied,
+    table_rows,
+    write_report,
+)
 from clipslim.eval.run import write_results
 from clipslim.export import export_open_clip
 from clipslim.models import load_model
@@ -22,6 +30,43 @@ def test_pareto_optimal_hand_computed():
     # smaller x is better (params): (0.5, .9) dominates everything
     assert pareto_optimal(pts, maximize=(False, True)) == [False, False, False, True, False]
     assert pareto_optimal([]) == []
+
+
+def test_speed_ties_stop_noise_from_making_a_model_optimal():
+    # the same model timed twice: 1000 vs 1050 img/s is noise, yet without ties each is "optimal" in one direction
+    pts = [(1000.0, 0.50), (1050.0, 0.45)]
+    assert pareto_optimal(pts) == [True, True]
+    assert pareto_optimal(pts, x_tied=lambda i, j: True) == [True, False]
+    a = {"params": 1, "params_non_embedding": 1, "flops": 1, "images_per_s": 100.0, "images_per_s_ci95": [90, 110]}
+    b = {**a, "params": 2, "images_per_s": 125.0, "images_per_s_ci95": [111, 139]}
+    assert not speeds_tied(a, b) and speeds_tied(a, {**b, "images_per_s_ci95": [105, 145]})
+    assert speeds_tied(a, {**b, "params": 1, "images_per_s_ci95": [200, 210]})  # same architecture: same cost
+    bare = {"params": 3, "params_non_embedding": 1, "flops": 1, "images_per_s_ci95": None}
+    assert speeds_tied({**bare, "images_per_s": 100.0}, {**bare, "params": 4, "images_per_s": 109.0})
+    assert not speeds_tied({**bare, "images_per_s": 100.0}, {**bare, "params": 4, "images_per_s": 112.0})
+
+
+def test_table_flags_per_cost_axis_hand_computed():
+    def row(name: str, params: int, flops: int, speed: float, ci: list[float], acc: float) -> Row:
+        return Row(name, name, params=params, params_non_embedding=params // 2, images_per_s=speed,
+                   images_per_s_ci95=ci, flops=flops, accuracy={"d": {"acc1": acc}})  # fmt: skip
+
+    rows = [
+        row("A", 10, 2, 1000.0, [950.0, 1050.0], 0.50),
+        row("B", 10, 2, 1080.0, [1020.0, 1140.0], 0.45),  # A's architecture: pooled to 1040 [950, 1140]
+        row("C", 5, 3, 1100.0, [1060.0, 1140.0], 0.40),  # fastest alone, but inside A/B's interval: a tie
+        row("D", 20, 1, 500.0, [480.0, 520.0], 0.60),
+    ]
+    table = {r["name"]: r for r in table_rows(rows, "d", cost="flops")}
+    assert table["A"]["images_per_s"] == table["B"]["images_per_s"] == 1040.0
+    assert table["B"]["images_per_s_ci95"] == [950.0, 1140.0]
+    flags = {n: (r["pareto_speed"], r["pareto_size"], r["pareto_flops"], r["pareto"]) for n, r in table.items()}
+    assert flags == {
+        "A": (True, True, False, False),
+        "B": (False, False, False, False),
+        "C": (False, True, False, False),
+        "D": (True, True, True, True),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -68,14 +113,19 @@ def test_report_merges_measures_and_flags(inputs, tmp_path):
     assert set(rows) == {"teacher (tiny-teacher)", "distill", "tiny-student"} and report["dataset"] == "shapes"
     teacher, student, scratch = rows["teacher (tiny-teacher)"], rows["distill"], rows["tiny-student"]
     assert (teacher["acc1"], teacher["heldout_acc1"], teacher["images_per_s"]) == (0.7, 0.6, 100.0)  # bench wins
-    assert student["images_per_s"] > 0 and student["heldout_acc1"] == 0.25  # measured: results.json had none
-    assert scratch["params"] == 1_659_393 and scratch["images_per_s"] == 1000.0
+    assert student["heldout_acc1"] == 0.25 and student["flops"] > 0 and teacher["flops"] > student["flops"]
+    # one architecture, one speed: the measured student and the bench's 1000 img/s are pooled, interval covers both
+    assert scratch["params"] == 1_659_393 and scratch["images_per_s"] == student["images_per_s"] > 0
+    lo, hi = student["images_per_s_ci95"]
+    assert lo <= min(student["images_per_s"], 1000.0) and hi >= 1000.0
     # size: teacher is most accurate; the distilled student beats the same-size random one
     assert (teacher["pareto_size"], student["pareto_size"], scratch["pareto_size"]) == (True, True, False)
-    assert teacher["pareto_speed"] is True  # nothing is more accurate
+    assert teacher["pareto_speed"] is True and scratch["pareto_speed"] is False  # tied speed, less accurate
     assert [r["role"] for r in report["rows"]] == ["teacher", "student", "model"]
+    assert report["cost"] == "images_per_s" and all(r["pareto"] == r["pareto_speed"] for r in report["rows"])
     md = (out / "report.md").read_text()
-    assert "| teacher (tiny-teacher) | teacher | 3.62M |" in md and "| 70.0 | 60.0 | ✓ | ✓ |" in md
+    assert "| teacher (tiny-teacher) | teacher | 3.62M |" in md and "| 70.0 | 60.0 | ✓ | ✓ | ✓ |" in md
+    assert "Pareto-optimal on acc1 × images_per_s: teacher (tiny-teacher), distill." in md
     assert (out / "pareto.png").stat().st_size > 10_000 and "<table" in (out / "report.html").read_text()
     assert json.loads((out / "report.json").read_text())["rows"] == report["rows"]
     held = write_report(paths, tmp_path / "held", metric="heldout_acc1", measure=False)
@@ -103,3 +153,6 @@ def test_cli_report(inputs, tmp_path, capsys):
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "| teacher" not in printed and "| tiny-teacher | model |" in printed and (out / "report.html").is_file()
+    assert main([*argv, "--cost", "params"]) == 0
+    doc = json.loads((out / "report.json").read_text())
+    assert doc["cost"] == "params" and all(r["pareto"] == r["pareto_size"] for r in doc["rows"])

@@ -70,14 +70,14 @@ def _eval_plan(datasets: list, tasks: list[str] | None, want_lp: bool) -> list[t
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from .eval.datasets import RunOptions, evaluate_data, open_eval_data, parse_tasks
+    from .eval.datasets import RunOptions, evaluate_data, open_eval_data, parse_tasks, read_templates
     from .models import count_params, load_model
 
     datasets = [open_eval_data(d) for d in args.data]
     plan = _eval_plan(datasets, parse_tasks(args.task) if args.task else None, bool(args.fewshot_k))
     opts = RunOptions(
         batch_size=args.batch_size, device=args.device, fewshot_ks=args.fewshot_k or (-1,),
-        max_bad_fraction=args.max_bad_fraction,
+        max_bad_fraction=args.max_bad_fraction, templates=read_templates(args.templates) if args.templates else None,
     )  # fmt: skip
     all_results: dict = {}
     for spec in args.model:
@@ -134,7 +134,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
     report = write_report(
         args.inputs, args.out, metric=args.metric, dataset=args.dataset, write_html=args.html,
-        measure=not args.no_measure, device=args.device,
+        measure=not args.no_measure, device=args.device, cost=args.cost, speed_noise=args.speed_noise,
     )  # fmt: skip
     print(report["markdown"])
     print(f"wrote {args.out}/report.md, report.json, pareto.png" + (", report.html" if args.html else ""))
@@ -249,8 +249,13 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--model", action="append", required=True, help="model spec; repeat to compare several")
     e.add_argument(
         "--data", action="append", required=True,
-        help="shapes folder, ImageFolder (root/<class>/*, or root/train + root/test), retrieval .csv or shards; "
-        "repeat for several",
+        help="shapes folder, ImageFolder (root/<class>/*, or root/train + root/test), retrieval .csv or shards, or a "
+        "root with classification/ + retrieval.csv; repeat for several",
+    )  # fmt: skip
+    e.add_argument(
+        "--templates", type=Path,
+        help="zero-shot prompt templates, one per line with {} or {c} (default: the data's templates.txt, else "
+        "ImageNet's 7)",
     )  # fmt: skip
     e.add_argument("--out", type=Path, help="folder for CLIP_benchmark-style JSONs, one per dataset/model/task")
     e.add_argument("--batch-size", type=int, default=256)
@@ -356,7 +361,15 @@ def _add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
     rp = sub.add_parser("report", help="accuracy x speed x size table and Pareto plot of teacher and students")
     rp.add_argument("inputs", nargs="+", help="training run dirs, `clipslim eval`/CLIP_benchmark or bench JSONs")
     rp.add_argument("--out", required=True, type=Path, help="output folder (report.md, report.json, pareto.png)")
-    rp.add_argument("--metric", default="acc1", choices=["acc1", "heldout_acc1"], help="accuracy axis")
+    rp.add_argument("--metric", default="acc1", choices=["acc1", "heldout_acc1", "ood_acc1"], help="accuracy axis")
+    rp.add_argument(
+        "--cost", default="images_per_s", choices=["images_per_s", "params", "flops"],
+        help="cost axis for the Pareto front (default images_per_s; params and FLOPs are exact, speed is noisy)",
+    )  # fmt: skip
+    rp.add_argument(
+        "--speed-noise", type=float, default=0.1,
+        help="relative speed difference counted as a tie when a speed has no interval (default 0.1)",
+    )  # fmt: skip
     rp.add_argument("--dataset", help="which dataset's accuracy (default: the one most inputs have)")
     rp.add_argument("--html", action="store_true", help="also write report.html")
     rp.add_argument("--no-measure", action="store_true", help="do not load models to measure missing images/s")

@@ -6,8 +6,11 @@
   ood), retrieval (instance and class-level R@1), linear probe;
 - ImageFolder (``root/<class>/*.png|jpg``, or ``root/train/<class>`` + ``root/test|val/<class>``): zero-shot on the
   test split (or the whole folder), linear probe from train to test. Class names are the folder names, or the
-  lines of ``classnames.txt`` (one per folder, in sorted folder order); templates come from ``templates.txt``
-  (``{}`` or ``{c}`` placeholders) or ``DEFAULT_TEMPLATES``;
+  lines of ``classnames.txt`` matched to the folders *by name* (any order; ``_``/``-`` read as spaces), or
+  ``folder<TAB>class name`` lines; templates come from ``--templates FILE``, ``templates.txt`` (``{}`` or ``{c}``
+  placeholders) or ``DEFAULT_TEMPLATES``;
+- a root with ``classification/`` (an ImageFolder as above) and/or ``retrieval.csv``: both, from one ``--data``;
+  ``classnames.txt`` / ``templates.txt`` are looked for in the root, then in ``classification/``;
 - ``.csv`` (``filepath,caption``; repeated filepaths are several captions of one image) or webdataset shards
   (image + ``txt``, one caption per line): retrieval.
 
@@ -45,7 +48,7 @@ from clipslim.data.loader import (
     resolve_shards,
 )
 from clipslim.eval.linear_probe import linear_probe
-from clipslim.eval.retrieval import retrieval_metrics
+from clipslim.eval.retrieval import class_retrieval_metrics, retrieval_metrics
 from clipslim.eval.run import (
     RECALL_KS,
     classification_masks,
@@ -135,36 +138,86 @@ def image_folder_splits(root: str | Path) -> dict[str, Path]:
     return {"test": root}
 
 
+def _find(dirs: Sequence[str | Path], name: str) -> Path | None:
+    """The first ``dir/name`` that exists."""
+    return next((Path(d) / name for d in dirs if (Path(d) / name).is_file()), None)
+
+
+def _plain(name: str) -> str:
+    return name.replace("_", " ")
+
+
+def _norm(name: str) -> str:
+    """A class or folder name for matching: lower case, ``_``/``-`` as spaces, single spaces."""
+    return " ".join(name.replace("_", " ").replace("-", " ").lower().split())
+
+
+def match_classnames(path: Path, folders: Sequence[str]) -> list[str]:
+    """Class names for ``folders`` (sorted order) from ``classnames.txt``, matched by name, never by position.
+
+    Lines are either class names that equal the folder names up to case and ``_``/``-``/spaces (in any order), or
+    ``folder<TAB>class name``. A line order that differs from the folder order used to mislabel every image.
+    """
+    lines = _read_lines(path)
+    if len(lines) != len(folders):
+        raise DataError(f"{path}: {len(lines)} class names for {len(folders)} class folders")
+    if all("\t" in line for line in lines):
+        pairs = [line.split("\t", 1) for line in lines]
+        by_folder = {folder.strip(): name.strip() for folder, name in pairs}
+    else:
+        by_folder = {}
+        index = {_norm(f): f for f in folders}
+        for line in lines:
+            by_folder.setdefault(index.get(_norm(line), ""), line)
+    missing = [f for f in folders if f not in by_folder]
+    if missing:
+        raise DataError(
+            f"{path}: class folder '{missing[0]}' has no matching line ({len(missing)} unmatched); lines must name "
+            "the folders (any order) or be 'folder<TAB>class name'"
+        )
+    return [by_folder[f] for f in folders]
+
+
+def read_templates(path: str | Path) -> list[str]:
+    """Prompt templates, one per line, each with a ``{}`` or ``{c}`` placeholder for the class name."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"templates file not found: {path}")
+    lines = _read_lines(path)
+    bad = [i for i, line in enumerate(lines, 1) if "{}" not in line and "{c}" not in line]
+    if not lines or bad:
+        where = f"line {bad[0]} has no {{}} or {{c}} placeholder" if bad else "no templates"
+        raise DataError(f"{path}: {where}")
+    return lines
+
+
 class ImageFolderSet(Dataset):
     """``(image, label)`` pairs of ``root/<class>/*``; ``classes`` and ``templates`` as CLIP_benchmark names them.
 
     ``meta_dir`` is where ``classnames.txt`` / ``templates.txt`` are looked for (the dataset root for split folders).
     """
 
-    def __init__(self, root: str | Path, transform: Callable | None = None, meta_dir: str | Path | None = None):
+    def __init__(
+        self,
+        root: str | Path,
+        transform: Callable | None = None,
+        meta_dir: str | Path | Sequence[str | Path] | None = None,
+    ):
         self.root, self.transform = Path(root), transform
         self.skipped: dict[str, int] = {}  # bad images, counted as they are read (num_workers=0)
-        meta = Path(meta_dir) if meta_dir is not None else self.root
+        metas = [self.root] if meta_dir is None else [meta_dir] if isinstance(meta_dir, str | Path) else meta_dir
         dirs = _class_dirs(self.root)
         if not dirs:
             raise DataError(f"{self.root}: no class folders (expected root/<class>/*.png|jpg)")
         self.folders = [d.name for d in dirs]
-        self.classes = self._classnames(meta / "classnames.txt", self.folders)
-        templates = meta / "templates.txt"
-        self.templates = _read_lines(templates) if templates.is_file() else list(DEFAULT_TEMPLATES)
+        names = _find(metas, "classnames.txt")
+        self.classes = match_classnames(names, self.folders) if names else [_plain(f) for f in self.folders]
+        templates = _find(metas, "templates.txt")
+        self.templates = read_templates(templates) if templates else list(DEFAULT_TEMPLATES)
         files = [(f, label) for label, d in enumerate(dirs) for f in sorted(d.iterdir())]
         self.samples = [(f, label) for f, label in files if f.suffix.lower() in IMAGE_SUFFIXES]
         if not self.samples:
             raise DataError(f"{self.root}: no images ({', '.join(IMAGE_SUFFIXES)}) in its class folders")
-
-    @staticmethod
-    def _classnames(path: Path, folders: list[str]) -> list[str]:
-        if not path.is_file():
-            return [name.replace("_", " ") for name in folders]
-        names = _read_lines(path)
-        if len(names) != len(folders):
-            raise DataError(f"{path}: {len(names)} class names for {len(folders)} class folders")
-        return names
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -242,12 +295,17 @@ class RetrievalSet(Dataset):
 
 @dataclass
 class EvalData:
-    """An eval set recognised from its path: ``kind`` is ``shapes``, ``imagefolder`` or ``retrieval``."""
+    """An eval set recognised from its path: ``kind`` is ``shapes``, ``imagefolder``, ``retrieval`` or ``combined``
+    (a root with ``classification/`` and/or ``retrieval.csv``)."""
 
     kind: str
     path: Path | str
     name: str
     splits: dict[str, Path] = field(default_factory=dict)
+    retrieval: Path | None = None
+    """The retrieval CSV of a combined root."""
+    meta_dirs: tuple[Path, ...] = ()
+    """Where classnames.txt / templates.txt are looked for, in order (default: the data path)."""
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -256,7 +314,8 @@ class EvalData:
             return ("zeroshot_retrieval",)
         if self.kind == "shapes":
             return TASKS
-        return ("zeroshot_classification", "linear_probe") if "train" in self.splits else ("zeroshot_classification",)
+        folder = ("zeroshot_classification", "linear_probe") if "train" in self.splits else ("zeroshot_classification",)
+        return (folder if self.splits else ()) + (("zeroshot_retrieval",) if self.retrieval else ())
 
     @property
     def default_tasks(self) -> tuple[str, ...]:
@@ -278,6 +337,10 @@ def open_eval_data(path: str | Path) -> EvalData:
         raise DataError(f"data path not found: {text}")
     if text.lower().endswith(".csv") or "{" in text or p.suffix == ".tar" or (p.is_dir() and any(p.glob("*.tar"))):
         return EvalData("retrieval", text, name)
+    if p.is_dir() and ((p / "classification").is_dir() or (p / "retrieval.csv").is_file()):
+        folder, csv = p / "classification", p / "retrieval.csv"
+        splits = image_folder_splits(folder) if folder.is_dir() else {}
+        return EvalData("combined", p, name, splits, csv if csv.is_file() else None, (p, folder))
     if p.is_dir():
         return EvalData("imagefolder", p, name, image_folder_splits(p))
     raise DataError(f"data path not found or not an eval set: {text}")
@@ -351,6 +414,8 @@ class RunOptions:
     seed: int = 0
     max_bad_fraction: float = 0.1
     """More bad (skipped) samples than this fraction make the numbers meaningless: stop with an error instead."""
+    templates: Sequence[str] | None = None
+    """Zero-shot prompt templates for every classification set (``--templates FILE``); None: the set's own."""
 
     @property
     def use_amp(self) -> bool:
@@ -394,11 +459,12 @@ def _shapes_tasks(bundle: Any, data: EvalData, tasks: Sequence[str], opts: RunOp
     feats = encode_shapes_eval(bundle, root, opts.batch_size, opts.device, opts.use_amp, opts.progress)
     skipped = dict(feats.skipped)
     if {"zeroshot_classification", "zeroshot_retrieval"} & set(tasks):
-        names, templates = read_lines(root / "classnames.txt"), read_lines(root / "templates.txt")
+        names = read_lines(root / "classnames.txt")
+        templates = list(opts.templates or read_lines(root / "templates.txt"))
         clf = build_classifier(model, bundle.tokenizer, names, templates, device=opts.device, amp=opts.use_amp)
         res = evaluate_features(feats, clf.cpu())
         if "zeroshot_classification" in tasks:
-            out["zeroshot_classification"] = _flat_zeroshot(res)
+            out["zeroshot_classification"] = {**_flat_zeroshot(res), "n_classes": len(names), "templates": templates}
         if "zeroshot_retrieval" in tasks:
             out["zeroshot_retrieval"] = res["retrieval"]
     if "linear_probe" in tasks:
@@ -419,16 +485,17 @@ def _folder_features(bundle: Any, folder: ImageFolderSet, opts: RunOptions) -> t
 
 def _imagefolder_tasks(bundle: Any, data: EvalData, tasks: Sequence[str], opts: RunOptions) -> dict[str, Any]:
     bundle.model.to(opts.device)
-    test = ImageFolderSet(data.splits["test"], bundle.preprocess_val, meta_dir=data.path)
+    meta = data.meta_dirs or (Path(data.path),)
+    test = ImageFolderSet(data.splits["test"], bundle.preprocess_val, meta_dir=meta)
     x_test, y_test = _folder_features(bundle, test, opts)
     out: dict[str, Any] = {}
     if "zeroshot_classification" in tasks:
-        clf = build_classifier(
-            bundle.model, bundle.tokenizer, test.classes, test.templates, device=opts.device, amp=opts.use_amp
-        )
-        out["zeroshot_classification"] = zeroshot_metrics(x_test, y_test, clf.cpu())
+        templates = list(opts.templates or test.templates)
+        clf = build_classifier(bundle.model, bundle.tokenizer, test.classes, templates, opts.device, opts.use_amp)
+        metrics = zeroshot_metrics(x_test, y_test, clf.cpu())
+        out["zeroshot_classification"] = {**metrics, "n_classes": len(test.classes), "templates": templates}
     if "linear_probe" in tasks:
-        train = ImageFolderSet(data.splits["train"], bundle.preprocess_val, meta_dir=data.path)
+        train = ImageFolderSet(data.splits["train"], bundle.preprocess_val, meta_dir=meta)
         if train.folders != test.folders:
             raise DataError(f"{data.path}: train and {data.splits['test'].name} have different class folders")
         train_xy = _folder_features(bundle, train, opts)
@@ -438,16 +505,57 @@ def _imagefolder_tasks(bundle: Any, data: EvalData, tasks: Sequence[str], opts: 
     return {"tasks": out, "skipped": dict(test.skipped), "good": len(x_test)}
 
 
+def caption_labels(captions: Sequence[Sequence[str]]) -> torch.Tensor | None:
+    """A class per image from its captions (images whose captions are the same set share a class), or None when
+    no two images share one: then class-level recall would equal instance recall."""
+    keys = [frozenset(" ".join(c.lower().rstrip(".").split()) for c in caps) for caps in captions]
+    ids: dict[frozenset[str], int] = {}
+    labels = [ids.setdefault(k, len(ids)) for k in keys]
+    return torch.tensor(labels) if len(ids) < len(labels) else None
+
+
 def _retrieval_tasks(bundle: Any, data: EvalData, tasks: Sequence[str], opts: RunOptions) -> dict[str, Any]:
     model = bundle.model.to(opts.device)
     ds = RetrievalSet(data.path, bundle.preprocess_val)
     loader = DataLoader(ds, batch_size=opts.batch_size, num_workers=0, collate_fn=RetrievalSet.collate)
-    img, txt, t2i = encode_retrieval(model, bundle.tokenizer, loader, opts.device, opts.use_amp, opts.progress)
+    captions: list[list[str]] = []
+
+    def tap(batches: Iterable) -> Iterable:  # the captions of the images actually encoded (bad ones are dropped)
+        for batch in batches:
+            captions.extend(batch[1] if batch is not None else [])
+            yield batch
+
+    img, txt, t2i = encode_retrieval(model, bundle.tokenizer, tap(loader), opts.device, opts.use_amp, opts.progress)
     metrics = {**retrieval_metrics(img, txt, t2i, ks=RECALL_KS), "n": len(img), "n_captions": len(txt)}
+    labels = caption_labels(captions)
+    if labels is not None:  # captions repeat: say whether the top item at least shows the right thing
+        metrics.update(class_retrieval_metrics(img, txt, t2i, labels), n_classes=int(labels.max()) + 1)
     return {"tasks": {"zeroshot_retrieval": metrics}, "skipped": dict(ds.skipped), "good": len(img)}
 
 
-_RUNNERS = {"shapes": _shapes_tasks, "imagefolder": _imagefolder_tasks, "retrieval": _retrieval_tasks}
+def _combined_tasks(bundle: Any, data: EvalData, tasks: Sequence[str], opts: RunOptions) -> dict[str, Any]:
+    """classification/ as an ImageFolder and retrieval.csv as a retrieval set, merged into one result."""
+    parts = []
+    folder_tasks = [t for t in tasks if t != "zeroshot_retrieval"]
+    if folder_tasks:
+        parts.append(_imagefolder_tasks(bundle, data, folder_tasks, opts))
+    if "zeroshot_retrieval" in tasks:
+        csv = EvalData("retrieval", data.retrieval, data.name)
+        parts.append(_retrieval_tasks(bundle, csv, ["zeroshot_retrieval"], opts))
+    skipped: dict[str, int] = {}
+    for part in parts:
+        for kind, n in part["skipped"].items():
+            skipped[kind] = skipped.get(kind, 0) + n
+    tasks_out = {k: v for part in parts for k, v in part["tasks"].items()}
+    return {"tasks": tasks_out, "skipped": skipped, "good": sum(part["good"] for part in parts)}
+
+
+_RUNNERS = {
+    "shapes": _shapes_tasks,
+    "imagefolder": _imagefolder_tasks,
+    "retrieval": _retrieval_tasks,
+    "combined": _combined_tasks,
+}
 
 
 def evaluate_data(

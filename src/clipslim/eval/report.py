@@ -7,10 +7,15 @@ Inputs are whatever the other commands leave behind, merged per model:
 - ``clipslim eval`` / CLIP_benchmark result JSONs (``model``, ``pretrained``, ``task``, ``metrics``);
 - ``clipslim bench`` JSONs (``models`` with params and ``images_per_s``).
 
-Rows without images/s or params are measured (the model is loaded by its spec) unless ``measure=False``. The
-accuracy axis is zero-shot top-1 (``acc1``, all classes); on shapes ``heldout_acc1`` is shown too and can be
-chosen as the axis. A model is Pareto-optimal when no other is at least as accurate and at least as fast (or as
-small) and strictly better in one of the two.
+Rows without images/s, params or FLOPs are measured (the model is loaded by its spec) unless ``measure=False``;
+images/s is timed in several interleaved rounds and kept as a mean with a Student-t interval. The accuracy axis is
+zero-shot top-1 (``acc1``, all classes); on shapes ``heldout_acc1`` / ``ood_acc1`` are shown too and can be chosen.
+
+A model is Pareto-optimal when no other is at least as accurate and at least as cheap, and strictly better in one.
+The cost axis is images/s, params or FLOPs per image (``cost``). Speeds are compared with their noise: models of
+the same architecture (same params and FLOPs) share one pooled speed, and two speeds whose intervals overlap (or,
+without intervals, that differ by less than ``speed_noise``) are a tie, so timing noise never makes a model
+"optimal" by itself.
 """
 
 from __future__ import annotations
@@ -19,15 +24,19 @@ import html
 import json
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clipslim.eval.stats import mean_interval
 from clipslim.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
-METRICS = ("acc1", "heldout_acc1")
+METRICS = ("acc1", "heldout_acc1", "ood_acc1")
+COSTS = ("images_per_s", "params", "flops")
+SPEED_NOISE = 0.1
+"""Relative speed difference treated as noise when a speed has no interval (a single bench number)."""
 
 
 @dataclass
@@ -40,7 +49,11 @@ class Row:
     params: int | None = None
     params_non_embedding: int | None = None
     images_per_s: float | None = None
-    accuracy: dict[str, dict[str, float]] = field(default_factory=dict)  # dataset -> {acc1, heldout_acc1}
+    images_per_s_ci95: list[float] | None = None
+    """Student-t 95% interval of images/s over timing rounds (None: one number, e.g. from a bench JSON)."""
+    flops: int | None = None
+    """Image-encoder FLOPs per image."""
+    accuracy: dict[str, dict[str, float]] = field(default_factory=dict)  # dataset -> {acc1, heldout_acc1, ...}
     sources: list[str] = field(default_factory=list)
 
 
@@ -52,9 +65,10 @@ class ReportError(ValueError):
 
 
 def _shapes_groups(metrics: dict[str, Any]) -> dict[str, float]:
-    """Top-1 from shapes' grouped eval (``zeroshot_all`` / ``zeroshot_heldout``) as ``acc1`` / ``heldout_acc1``."""
+    """Top-1 from shapes' grouped eval (``zeroshot_all`` / ``_heldout`` / ``_ood``) as ``acc1`` / ``heldout_acc1``
+    / ``ood_acc1``."""
     out = {}
-    for key, group in (("acc1", "zeroshot_all"), ("heldout_acc1", "zeroshot_heldout")):
+    for key, group in (("acc1", "zeroshot_all"), ("heldout_acc1", "zeroshot_heldout"), ("ood_acc1", "zeroshot_ood")):
         value = (metrics.get(group) or {}).get("acc1")
         if isinstance(value, int | float):
             out[key] = float(value)
@@ -87,7 +101,12 @@ def _from_result_json(doc: dict[str, Any], source: str) -> list[Row]:
 
 def _from_bench_json(doc: dict[str, Any], source: str) -> list[Row]:
     keys = ("params", "params_non_embedding", "images_per_s")
-    return [Row(m["model"], m["model"], sources=[source], **{k: m.get(k) for k in keys}) for m in doc["models"]]
+    rows = []
+    for m in doc["models"]:
+        row = Row(m["model"], m["model"], sources=[source], **{k: m.get(k) for k in keys})
+        row.flops = m.get("flops_per_image")
+        rows.append(row)
+    return rows
 
 
 def _from_run_dir(run: Path) -> list[Row]:
@@ -153,7 +172,9 @@ def merge_rows(rows: Sequence[Row]) -> list[Row]:
         into = merged[key]
         if into.role == "model" and row.role != "model":
             into.role, into.name = row.role, row.name
-        for name in ("params", "params_non_embedding", "images_per_s"):
+        if into.images_per_s is None:
+            into.images_per_s, into.images_per_s_ci95 = row.images_per_s, row.images_per_s_ci95
+        for name in ("params", "params_non_embedding", "flops"):
             if getattr(into, name) is None:
                 setattr(into, name, getattr(row, name))
         for dataset, acc in row.accuracy.items():
@@ -162,18 +183,19 @@ def merge_rows(rows: Sequence[Row]) -> list[Row]:
     return list(merged.values())
 
 
-def fill_missing(rows: Sequence[Row], device: str = "cpu", batch: int = 64, rounds: int = 3) -> None:
-    """Measure images/s (as ``clipslim bench`` does, at ``batch``) and count params where an input lacked them.
+def fill_missing(rows: Sequence[Row], device: str = "cpu", batch: int = 64, rounds: int = 5) -> None:
+    """Measure images/s (as ``clipslim bench`` does, at ``batch``), params and FLOPs where an input lacked them.
 
-    Models are timed in alternating rounds and each keeps its best round, so a burst of background load does not
-    land on one model (two students of one architecture otherwise differed by ~15% here).
+    Models are timed in ``rounds`` interleaved rounds, so a burst of background load hits every model alike; each
+    keeps the mean and the Student-t interval of its rounds (two students of one architecture once differed by ~15%
+    in a single timing here: the interval is what says whether a speed difference is real).
     """
     from clipslim.eval.bench import images_per_s
     from clipslim.models import count_params, load_model
 
     to_time = []
     for row in rows:
-        if row.images_per_s is not None and row.params is not None:
+        if row.images_per_s is not None and row.params is not None and row.flops is not None:
             continue
         try:
             bundle = load_model(row.spec, device=device)
@@ -183,26 +205,122 @@ def fill_missing(rows: Sequence[Row], device: str = "cpu", batch: int = 64, roun
         counts = count_params(bundle.model)
         row.params = row.params if row.params is not None else counts.total
         row.params_non_embedding = row.params_non_embedding or counts.non_embedding
+        if row.flops is None:
+            row.flops = _image_flops(bundle, device)
         if row.images_per_s is None:
-            to_time.append((row, bundle))
+            to_time.append((row, bundle, []))
     for _ in range(rounds):
-        for row, bundle in to_time:
-            speed = images_per_s(bundle, batch=batch, device=device)
-            row.images_per_s = max(row.images_per_s or 0.0, speed)
+        for _row, bundle, speeds in to_time:
+            speeds.append(images_per_s(bundle, batch=batch, device=device))
+    for row, _bundle, speeds in to_time:
+        iv = mean_interval(speeds)
+        row.images_per_s = iv.mean
+        row.images_per_s_ci95 = None if iv.lo is None else [iv.lo, iv.hi]
+
+
+def _image_flops(bundle: Any, device: str) -> int:
+    """FLOPs of one image through the image encoder."""
+    import torch
+
+    from clipslim.eval.bench import count_cost, image_hw
+
+    x = torch.randn(1, 3, *image_hw(bundle), device=device)
+    return count_cost(lambda: bundle.model.encode_image(x), bundle.model)[0]
 
 
 # ---------------------------------------------------------------- Pareto, table, plot
 
 
-def pareto_optimal(points: Sequence[tuple[float, float]], maximize: tuple[bool, bool] = (True, True)) -> list[bool]:
-    """For each (x, y): True when no other point is at least as good in both and strictly better in one."""
+def pareto_optimal(
+    points: Sequence[tuple[float, float]],
+    maximize: tuple[bool, bool] = (True, True),
+    x_tied: Callable[[int, int], bool] | None = None,
+) -> list[bool]:
+    """For each (x, y): True when no other point is at least as good in both and strictly better in one.
+
+    ``x_tied(i, j)``: the x of points i and j are equal within noise (default: exactly equal); a tied x is neither
+    better nor worse, so only y can then make one point dominate the other.
+    """
     signs = [1 if m else -1 for m in maximize]
     pts = [(signs[0] * x, signs[1] * y) for x, y in points]
+    tied = x_tied or (lambda i, j: pts[i][0] == pts[j][0])
 
-    def dominated(p: tuple[float, float]) -> bool:
-        return any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in pts)
+    def dominates(j: int, i: int) -> bool:
+        (qx, qy), (px, py), tie = pts[j], pts[i], tied(i, j)
+        return (tie or qx > px) and qy >= py and ((not tie and qx > px) or qy > py)
 
-    return [not dominated(p) for p in pts]
+    return [not any(dominates(j, i) for j in range(len(pts)) if j != i) for i in range(len(pts))]
+
+
+def cost_key(row: dict[str, Any]) -> tuple[Any, ...] | None:
+    """Same params, non-embedding params and FLOPs: the same architecture, hence the same cost."""
+    key = (row.get("params"), row.get("params_non_embedding"), row.get("flops"))
+    return None if key[0] is None else key
+
+
+def pool_same_architecture(table: list[dict[str, Any]]) -> None:
+    """Give models of one architecture one speed: the mean of their speeds, with the widest interval among them
+    widened to cover every member's value (their differences are timing noise, not a property of the weights)."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in table:
+        if r["images_per_s"] is not None and cost_key(r) is not None:
+            groups.setdefault(cost_key(r), []).append(r)
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        speeds = [m["images_per_s"] for m in members]
+        lows = [m["images_per_s_ci95"][0] if m["images_per_s_ci95"] else m["images_per_s"] for m in members]
+        highs = [m["images_per_s_ci95"][1] if m["images_per_s_ci95"] else m["images_per_s"] for m in members]
+        for m in members:
+            m["images_per_s"], m["images_per_s_ci95"] = sum(speeds) / len(speeds), [min(lows), max(highs)]
+
+
+def speeds_tied(a: dict[str, Any], b: dict[str, Any], noise: float = SPEED_NOISE) -> bool:
+    """Same architecture, overlapping intervals, or (without intervals) less than ``noise`` relative difference."""
+    if cost_key(a) is not None and cost_key(a) == cost_key(b):
+        return True
+    ia, ib = a.get("images_per_s_ci95"), b.get("images_per_s_ci95")
+    if ia and ib:
+        return ia[0] <= ib[1] and ib[0] <= ia[1]
+    sa, sb = a["images_per_s"], b["images_per_s"]
+    return abs(sa - sb) <= noise * max(sa, sb)
+
+
+PARETO_FLAGS = {"images_per_s": "pareto_speed", "params": "pareto_size", "flops": "pareto_flops"}
+
+
+def _flag(out: list[dict[str, Any]], axis: str, metric: str, noise: float) -> None:
+    flag = PARETO_FLAGS[axis]
+    ok = [r for r in out if r[metric] is not None and r[axis] is not None]
+    tie = (lambda i, j: speeds_tied(ok[i], ok[j], noise)) if axis == "images_per_s" else None
+    flags = pareto_optimal([(r[axis], r[metric]) for r in ok], (axis == "images_per_s", True), tie)
+    for r in out:
+        r[flag] = None
+    for r, optimal in zip(ok, flags, strict=True):
+        r[flag] = optimal
+
+
+def table_rows(
+    rows: Sequence[Row],
+    dataset: str | None,
+    metric: str = "acc1",
+    cost: str = "images_per_s",
+    noise: float = SPEED_NOISE,
+) -> list[dict[str, Any]]:
+    """Plain dicts for the table and JSON: a Pareto flag per cost axis (speed, size, FLOPs) against ``metric``, and
+    ``pareto`` for the chosen ``cost``."""
+    out = []
+    for r in rows:
+        acc = r.accuracy.get(dataset or "", {})
+        out.append({**asdict(r), **{m: acc.get(m) for m in METRICS}})
+        del out[-1]["accuracy"]
+    pool_same_architecture(out)
+    for axis in COSTS:
+        _flag(out, axis, metric, noise)
+    for r in out:
+        r["pareto"] = r[PARETO_FLAGS[cost]]
+    order = {"teacher": 0, "student": 1, "model": 2}
+    return sorted(out, key=lambda r: (order[r["role"]], -(r["params"] or 0)))
 
 
 def pick_dataset(rows: Sequence[Row]) -> str | None:
@@ -211,33 +329,20 @@ def pick_dataset(rows: Sequence[Row]) -> str | None:
     return counts.most_common(1)[0][0] if counts else None
 
 
-def table_rows(rows: Sequence[Row], dataset: str | None, metric: str = "acc1") -> list[dict[str, Any]]:
-    """Plain dicts for the table and JSON, with the two Pareto flags (speed and size) against ``metric``."""
-    out = []
-    for r in rows:
-        acc = r.accuracy.get(dataset or "", {})
-        out.append({**asdict(r), "acc1": acc.get("acc1"), "heldout_acc1": acc.get("heldout_acc1")})
-        del out[-1]["accuracy"]
-    for flag, axis, maximize in (("pareto_speed", "images_per_s", True), ("pareto_size", "params", False)):
-        ok = [r for r in out if r[metric] is not None and r[axis] is not None]
-        flags = pareto_optimal([(r[axis], r[metric]) for r in ok], (maximize, True))
-        for r in out:
-            r[flag] = None
-        for r, optimal in zip(ok, flags, strict=True):
-            r[flag] = optimal
-    order = {"teacher": 0, "student": 1, "model": 2}
-    return sorted(out, key=lambda r: (order[r["role"]], -(r["params"] or 0)))
-
-
-def _cell(value: Any, kind: str) -> str:
+def _cell(value: Any, kind: str, row: dict[str, Any] | None = None) -> str:
     if value is None:
         return "–"
     if kind == "pct":
         return f"{100 * value:.1f}"
     if kind == "M":
         return f"{value / 1e6:.2f}M"
+    if kind == "G":
+        return f"{value / 1e9:.3f}"
     if kind == "flag":
         return "✓" if value else ""
+    if kind == "speed" and row and row.get("images_per_s_ci95"):
+        lo, hi = row["images_per_s_ci95"]
+        return f"{value:.0f} [{lo:.0f}, {hi:.0f}]"
     return f"{value:.0f}" if isinstance(value, float) else str(value)
 
 
@@ -246,24 +351,35 @@ COLUMNS = (
     ("role", "role", "str"),
     ("params", "params", "M"),
     ("non-emb. params", "params_non_embedding", "M"),
-    ("images/s", "images_per_s", "num"),
+    ("GFLOPs/image", "flops", "G"),
+    ("images/s [95% CI]", "images_per_s", "speed"),
     ("zero-shot top-1 (%)", "acc1", "pct"),
     ("held-out top-1 (%)", "heldout_acc1", "pct"),
+    ("ood top-1 (%)", "ood_acc1", "pct"),
     ("Pareto: speed", "pareto_speed", "flag"),
     ("Pareto: size", "pareto_size", "flag"),
+    ("Pareto: FLOPs", "pareto_flops", "flag"),
 )
+AXIS_LABELS = {"images_per_s": "images/s (image encoder)", "params": "parameters", "flops": "FLOPs per image"}
+
+
+def _columns(table: Sequence[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """COLUMNS without the ones no row has a value for (e.g. ood top-1 off shapes v2)."""
+    return [c for c in COLUMNS if c[2] == "str" or any(r.get(c[1]) is not None for r in table)]
 
 
 def markdown_table(table: Sequence[dict[str, Any]]) -> str:
-    lines = ["| " + " | ".join(c[0] for c in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_cell(r[key], kind) for _, key, kind in COLUMNS) + " |" for r in table]
+    cols = _columns(table)
+    lines = ["| " + " | ".join(c[0] for c in cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_cell(r[key], kind, r) for _, key, kind in cols) + " |" for r in table]
     return "\n".join(lines)
 
 
 def html_table(table: Sequence[dict[str, Any]], title: str) -> str:
-    head = "".join(f"<th>{html.escape(c[0])}</th>" for c in COLUMNS)
+    cols = _columns(table)
+    head = "".join(f"<th>{html.escape(c[0])}</th>" for c in cols)
     body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_cell(r[key], kind))}</td>" for _, key, kind in COLUMNS) + "</tr>"
+        "<tr>" + "".join(f"<td>{html.escape(_cell(r[key], kind, r))}</td>" for _, key, kind in cols) + "</tr>"
         for r in table
     )
     title = html.escape(title)
@@ -273,29 +389,38 @@ def html_table(table: Sequence[dict[str, Any]], title: str) -> str:
     )
 
 
-def plot_pareto(table: Sequence[dict[str, Any]], out_png: str | Path, metric: str = "acc1", title: str = "") -> Path:
-    """Zero-shot top-1 against images/s and against params; Pareto-optimal models ringed and joined."""
+def plot_pareto(
+    table: Sequence[dict[str, Any]],
+    out_png: str | Path,
+    metric: str = "acc1",
+    title: str = "",
+    cost: str = "images_per_s",
+) -> Path:
+    """Zero-shot top-1 against each cost axis that has data (the chosen ``cost`` first); Pareto-optimal models
+    ringed and joined; speeds drawn with their interval."""
     from ..plots import pyplot, save_figure
 
     plt = pyplot()
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for ax, axis, flag, label in (
-        (axes[0], "images_per_s", "pareto_speed", "images/s (image encoder)"),
-        (axes[1], "params", "pareto_size", "parameters"),
-    ):
+    axes_names = [cost, *(a for a in COSTS if a != cost and any(r[a] is not None for r in table))]
+    fig, axes = plt.subplots(1, len(axes_names), figsize=(5.5 * len(axes_names), 4.5), squeeze=False)
+    for ax, axis in zip(axes[0], axes_names, strict=True):
+        flag = PARETO_FLAGS[axis]
         pts = [r for r in table if r[metric] is not None and r[axis] is not None]
         for r in pts:
             marker = {"teacher": "s", "student": "o"}.get(r["role"], "^")
             ax.scatter(r[axis], 100 * r[metric], marker=marker, s=60, c="C3" if r[flag] else "C0", zorder=3)
+            if axis == "images_per_s" and r["images_per_s_ci95"]:
+                lo, hi = r["images_per_s_ci95"]
+                ax.plot([lo, hi], [100 * r[metric]] * 2, "C0-", lw=1, alpha=0.6)
             ax.annotate(r["name"], (r[axis], 100 * r[metric]), fontsize=7, xytext=(4, 4), textcoords="offset points")
         front = sorted((r[axis], 100 * r[metric]) for r in pts if r[flag])
         if front:
             ax.plot(*zip(*front, strict=True), "C3--", lw=1, label="Pareto-optimal")
             ax.legend(fontsize=8)
-        ax.set(xlabel=label, ylabel=f"zero-shot top-1 ({metric}, %)", xscale="log")
+        suffix = " — cost axis" if axis == cost else ""
+        ax.set(xlabel=AXIS_LABELS[axis] + suffix, ylabel=f"zero-shot top-1 ({metric}, %)", xscale="log")
         ax.grid(alpha=0.3, which="both")
-    fig.suptitle(f"{title or 'accuracy vs speed and size'}\n(square: teacher, circle: student, triangle: other)")
+    fig.suptitle(f"{title or 'accuracy vs cost'}\n(square: teacher, circle: student, triangle: other)")
     fig.tight_layout()
     return save_figure(fig, out_png)
 
@@ -309,22 +434,34 @@ def write_report(
     write_html: bool = False,
     measure: bool = True,
     device: str = "cpu",
+    cost: str = "images_per_s",
+    speed_noise: float = SPEED_NOISE,
 ) -> dict[str, Any]:
-    """Read every input, merge per model, fill in speed/size, and write report.md/.json, pareto.png (+ .html)."""
+    """Read every input, merge per model, fill in speed/size/FLOPs, and write report.md/.json, pareto.png (+ .html)."""
     if metric not in METRICS:
         raise ReportError(f"unknown metric '{metric}' (choose from {', '.join(METRICS)})")
+    if cost not in COSTS:
+        raise ReportError(f"unknown cost '{cost}' (choose from {', '.join(COSTS)})")
     if not inputs:
         raise ReportError("report needs at least one run directory or result JSON")
     rows = merge_rows([row for path in inputs for row in read_input(path)])
     if measure:
         fill_missing(rows, device=device)
     dataset = dataset or pick_dataset(rows)
-    table = table_rows(rows, dataset, metric)
+    table = table_rows(rows, dataset, metric, cost, speed_noise)
     out_dir = Path(out_dir)
-    title = f"clipslim report: zero-shot {metric} on {dataset or 'no dataset'}"
-    atomic_write_text(out_dir / "report.md", f"# {title}\n\n{markdown_table(table)}\n\n![pareto](pareto.png)\n")
-    atomic_write_json(out_dir / "report.json", {"dataset": dataset, "metric": metric, "rows": table})
-    plot_pareto(table, out_dir / "pareto.png", metric, title)
+    title = f"clipslim report: zero-shot {metric} on {dataset or 'no dataset'}, cost {cost}"
+    front = ", ".join(r["name"] for r in table if r["pareto"]) or "none (no row has both numbers)"
+    notes = (
+        f"Pareto-optimal on {metric} × {cost}: {front}. Speeds: mean of timing rounds with a Student t 95% interval; "
+        f"same architecture = one pooled speed; overlapping intervals (or < {speed_noise:.0%} apart without one) tie."
+    )
+    atomic_write_text(
+        out_dir / "report.md", f"# {title}\n\n{notes}\n\n{markdown_table(table)}\n\n![pareto](pareto.png)\n"
+    )
+    doc = {"dataset": dataset, "metric": metric, "cost": cost, "speed_noise": speed_noise, "rows": table}
+    atomic_write_json(out_dir / "report.json", doc)
+    plot_pareto(table, out_dir / "pareto.png", metric, title, cost)
     if write_html:
         atomic_write_text(out_dir / "report.html", html_table(table, title))
-    return {"dataset": dataset, "metric": metric, "rows": table, "markdown": markdown_table(table)}
+    return {**doc, "markdown": markdown_table(table)}
