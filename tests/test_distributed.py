@@ -28,15 +28,22 @@ OBJECTIVES = {
     "icl": {"weight": 1.0},
     "gradient": {"weight": 1000.0},
     "fusion": {"weight": 1.0},
-}
+    "cross_kd": {"weight": 1.0},
+    "clip+positives": {"positives": {"cascade": [{"view": "image", "top_k": 3}, {"view": "text", "threshold": 0.0}]}},
+    "affinity+positives": {"teacher_scale": 50.0, "positives": {"cascade": [{"view": "text", "top_k": 2}]}},
+}  # fmt: skip
+"""Objective name (before any ``+variant``) -> options; positives are mined across ranks (captions repeat there)."""
 GLOBAL_BATCH, TEACHER_DIM = 8, 48
 
 
 def _inputs() -> tuple[dict, Outputs]:
     g = torch.Generator().manual_seed(1)
+    text = torch.randint(1, 500, (8, 16), generator=g)
+    text[6], text[3] = text[1], text[2]  # repeated captions, one pair across the two ranks
     batch = {
         "image": torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=g),
-        "text": torch.randint(1, 500, (8, 16), generator=g),
+        "text": text,
+        "meta": [{"cls": c} for c in (0, 1, 2, 2, 0, 3, 1, 0)],
     }
     t_img = F.normalize(torch.randn(GLOBAL_BATCH, TEACHER_DIM, generator=g), dim=-1)
     t_txt = F.normalize(torch.randn(GLOBAL_BATCH, TEACHER_DIM, generator=g), dim=-1)
@@ -50,7 +57,7 @@ def _distiller(name: str, local_loss: bool) -> Distiller:
             "teacher": "tiny-teacher",
             "student": {"arch": "tiny-student"},
             "data": {"train": "x"},
-            "objectives": {name: OBJECTIVES[name]},
+            "objectives": {name.split("+")[0]: OBJECTIVES[name]},
         }  # fmt: skip
     )
     student = load_model("tiny-student").model

@@ -396,3 +396,28 @@ def test_every_embedding_objective_trains_from_the_cache(cached, tiny_shapes, te
     out = trainer.train_step(trainer.stream.next())
     losses = {k: v.item() for k, v in out.items() if k.endswith("_loss")}
     assert len(losses) == 6 and all(torch.isfinite(torch.tensor(v)) and v > 0 for v in losses.values()), losses
+
+
+def test_positives_are_mined_from_cached_embeddings(cached, tiny_shapes, teacher_spec, tmp_path):
+    from clipslim.config import build
+    from clipslim.objectives.positives import PositivesConfig, mine
+
+    cache_dir, _ = cached
+    positives = {"cascade": [{"view": "image", "top_k": 4}, {"view": "text", "threshold": 0.5}]}
+    recipe = recipe_from_dict(
+        {
+            "student": {"arch": "tiny-student"},  # no teacher at all: only the cache
+            "data": {"train": str(tiny_shapes / "train"), "num_workers": 0, "teacher_cache": str(cache_dir)},
+            "objectives": {"clip": {"weight": 1.0, "positives": positives}, "cross_kd": 1.0},
+            "train": {"steps": 2, "batch_size": 32, "warmup": 1, "log_every": 1, "save_every": 100},
+        }
+    )
+    trainer = Trainer(recipe, tmp_path / "pos", progress=False)
+    assert isinstance(trainer.teacher, CachedTeacher)  # clip's teacher-mined positives make the cache run
+    trainer._prepare_run_dir()
+    batch = trainer.stream.next()
+    out = trainer.train_step(batch)
+    mined = mine(build(PositivesConfig, positives, "p"), batch["text"], trainer.teacher(batch), None)
+    assert out["clip_positives"].item() == pytest.approx(mined.positives.sum(1).float().mean().item() - 1)
+    assert out["clip_positives"].item() > 0
+    assert 0 <= out["clip_mine_recall_1_image"].item() <= 1 and torch.isfinite(out["cross_kd_loss"])

@@ -69,6 +69,17 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
         return torch.cat(dist_nn.all_gather(x.contiguous()), dim=0)
 
 
+def gather_constant(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of a tensor without gradient (token ids, class labels), in rank order; needs the same
+    shape on every rank (training batches are, with drop_last)."""
+    env = current_env()
+    if not env.enabled:
+        return x
+    parts = [torch.empty_like(x) for _ in range(env.world_size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
 def gather_outputs(out: Outputs | None, local_loss: bool = False) -> Outputs | None:
     """The global batch's embeddings, gathered with gradient (teacher outputs carry none).
 

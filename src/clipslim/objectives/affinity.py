@@ -7,6 +7,10 @@ entropy, which carries no gradient.
 Several teachers (MobileCLIP's ensemble): the teacher embedding is the concatenation of K teachers' embeddings;
 ``teacher_slices`` says each one's size. Each slice is re-L2-normalised, gets its own scale, and the K softmax
 targets are averaged *after* the softmax (``--distill-average-after-softmax``), not the logits.
+
+With ``positives:`` (see :mod:`clipslim.objectives.positives`) the teacher's probability mass on each query's mined
+positives is shared evenly among them: a positive the teacher ranks low is no longer taught as a near-negative, the
+negatives keep the teacher's values, and a query without other positives keeps the plain target.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch.nn.functional as F
 from ..config import ConfigError
 from .base import Dims, Objective, ObjectiveConfig, Outputs, register
 from .clip import contrastive_logits
+from .positives import PositivesConfig, mine_batch, spread
 
 WHERE = "objectives.affinity"
 
@@ -32,6 +37,8 @@ class AffinityConfig(ObjectiveConfig):
     """Sizes of each teacher's slice of the concatenated teacher embedding (MobileCLIP: [768, 768]); null: one."""
     teacher_scales: list[float] | None = None
     """One fixed scale per slice (MobileCLIP2: [70, 60]); null uses ``teacher_scale`` for every slice."""
+    positives: PositivesConfig | None = None
+    """Spread the teacher's targets over mined positives (null: the teacher's softmax as is)."""
 
     def validate(self, where: str) -> None:
         if self.teacher_slices is not None and (not self.teacher_slices or min(self.teacher_slices) < 1):
@@ -95,6 +102,10 @@ class AffinityObjective(Objective):
     def forward(self, student: Outputs, teacher: Outputs | None, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         assert teacher is not None, "affinity needs teacher outputs"
         p_i2t, p_t2i = self.targets(teacher, student.rows)
+        metrics: dict[str, torch.Tensor] = {}
+        if self.cfg.positives is not None:
+            positives, metrics = mine_batch(self.cfg.positives, self.name, batch, teacher, student.rows)
+            p_i2t, p_t2i = spread(p_i2t, positives), spread(p_t2i, positives)
         s_i2t, s_t2i = contrastive_logits(student.image, student.text, student.logit_scale, student.rows)
         loss = 0.5 * (soft_cross_entropy_probs(p_i2t, s_i2t) + soft_cross_entropy_probs(p_t2i, s_t2i))
-        return {"affinity_loss": loss}
+        return {"affinity_loss": loss, **metrics}
