@@ -75,6 +75,9 @@ class DataSection:
     teacher_cache: str | None = None
     """A directory written by `clipslim cache-teacher` for these shards: training replays its stored augmentations
     and reads the teacher's embeddings instead of running the teacher (MobileCLIP's dataset reinforcement)."""
+    keep_list: str | None = None
+    """A file of sample keys to train on, one per line (e.g. `clipslim dedup --out`); other samples are skipped and
+    counted as ``not_in_keep_list``, never as bad data."""
     max_bad_fraction: float = 0.1
     """Stop with an error when more than this fraction of the samples read so far were skipped as bad (after the
     first 4 batches): a run on mostly broken data would train on almost nothing and look fine."""

@@ -51,7 +51,11 @@ SKIP_KINDS = (
     "oversized_caption",
     "oversized_image",
     "tiny_image",
+    "not_in_keep_list",
 )
+LEFT_OUT_KINDS = ("not_in_keep_list",)
+"""Samples the recipe chose to leave out (``data.keep_list``, e.g. from `clipslim dedup`), not bad data: counted like
+the others, but never towards the bad fraction."""
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "image")
 CAPTION_KEYS = ("txt", "text", "caption")
 TRUNCATION_MARKERS = ("unexpected end of data", "truncated header", "empty header", "end of file")
@@ -81,14 +85,18 @@ class SkipStats:
 
     @property
     def total(self) -> int:
-        return sum(self.counts.values())
+        """Bad samples skipped (not those left out on purpose, see ``LEFT_OUT_KINDS``)."""
+        return sum(n for k, n in self.counts.items() if k not in LEFT_OUT_KINDS)
 
     def summary(self) -> str:
+        left_out = sum(self.counts.get(k, 0) for k in LEFT_OUT_KINDS)
+        tail = f"; {left_out} left out by the keep list" if left_out else ""
         if not self.total:
-            return "no bad samples"
-        kinds = sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0]))
+            return "no bad samples" + tail
+        bad = [(k, n) for k, n in self.counts.items() if k not in LEFT_OUT_KINDS]
+        kinds = sorted(bad, key=lambda kv: (-kv[1], kv[0]))
         noun = "sample" if self.total == 1 else "samples"
-        return f"skipped {self.total} bad {noun}: " + ", ".join(f"{k}={n}" for k, n in kinds)
+        return f"skipped {self.total} bad {noun}: " + ", ".join(f"{k}={n}" for k, n in kinds) + tail
 
 
 def check_bad_fraction(skipped: dict[str, int], good: int, limit: float, where: str) -> None:
@@ -308,6 +316,27 @@ def _csv_samples(rows: Iterable[tuple[str, str | None]], base: Path, counter: _S
         yield {"__key__": filepath, "image": data} | ({} if caption is None else {"txt": caption})
 
 
+def read_keep_list(path: str | Path) -> frozenset[str]:
+    """Sample keys to train on, one per line (blank lines and ``#`` comments ignored), as `clipslim dedup` writes."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"keep list {path}: cannot read it ({err})") from err
+    keys = frozenset(s for line in lines if (s := line.strip()) and not s.startswith("#"))
+    if not keys:
+        raise DataError(f"keep list {path}: no keys (it would leave out every sample)")
+    return keys
+
+
+def _keep_only(src: Iterator[dict], keep: frozenset[str], counter: _SkipCounter) -> Iterator[dict]:
+    """Drop samples whose key is not in the keep list, before any decoding; each counts as ``not_in_keep_list``."""
+    for sample in src:
+        if str(sample.get("__key__", "")) in keep:
+            yield sample
+        else:
+            counter.bump("not_in_keep_list")
+
+
 def _seeded_shuffle(src: Iterator[dict], bufsize: int, seed: str) -> Iterator[dict]:
     """Buffer shuffle whose RNG is seeded per worker at iteration time, so every worker's order is reproducible."""
     rng = random.Random(_stream_seed(seed, _worker_id()))
@@ -482,6 +511,7 @@ def make_loader(
     world_size: int = 1,
     shuffle_buffer: int = 1000,
     teacher_cache: TeacherCache | None = None,
+    keep_list: str | Path | None = None,
 ) -> DataLoader:
     """One epoch of batches ``{"image", "text", "key", "meta", "skipped"}`` from shards or a CSV.
 
@@ -492,6 +522,7 @@ def make_loader(
     torch.distributed.
     ``teacher_cache``: ``preprocess`` is replaced by replaying the stored augmentation that (seed, epoch) picks for
     each sample, and batches also hold the teacher's ``teacher_image`` / ``teacher_text`` embeddings.
+    ``keep_list``: a file of sample keys (:func:`read_keep_list`); other samples are skipped as ``not_in_keep_list``.
     """
     if batch_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size (got {batch_size}, {rank}, {world_size})")
@@ -504,8 +535,10 @@ def make_loader(
     else:
         stages = _tar_source(data, order, rank, world_size, num_workers)
         stages.append(partial(_tar_samples, counter=counter))
-        if stream_seed is not None and shuffle_buffer > 1:
-            stages.append(partial(_seeded_shuffle, bufsize=shuffle_buffer, seed=stream_seed))
+    if keep_list is not None:
+        stages.append(partial(_keep_only, keep=read_keep_list(keep_list), counter=counter))
+    if not _is_csv(data) and stream_seed is not None and shuffle_buffer > 1:
+        stages.append(partial(_seeded_shuffle, bufsize=shuffle_buffer, seed=stream_seed))
     decode = partial(_decode, preprocess=preprocess, counter=counter, seed=stream_seed)
     collate = partial(_collate, tokenizer=tokenizer, counter=counter)
     if teacher_cache is not None:

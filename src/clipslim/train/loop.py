@@ -82,6 +82,7 @@ class BatchStream:
                 d.train, preprocess, tokenizer, self.recipe.train.batch_size, train=True,
                 seed=self.recipe.train.seed, epoch=self.epoch, num_workers=d.num_workers,
                 rank=self.env.rank, world_size=self.env.world_size, teacher_cache=self.built.teacher_cache,
+                keep_list=d.keep_list,
             )
         )  # fmt: skip
 
