@@ -81,7 +81,7 @@ class Distiller(nn.Module):
 
     @property
     def needs_teacher(self) -> bool:
-        return any(type(obj).needs_teacher for obj in self.objectives.values())
+        return any(type(obj).reads_teacher(obj.cfg) for obj in self.objectives.values())
 
     def forward(self, batch: dict[str, Any], teacher: Outputs | None = None) -> dict[str, torch.Tensor]:
         local = encode(self.student, batch["image"], batch["text"])
@@ -107,6 +107,6 @@ class Distiller(nn.Module):
 
 
 def _call(objective: Objective, student: Outputs, teacher: Outputs | None, batch: dict[str, Any]) -> dict:
-    if type(objective).needs_teacher and teacher is None:
+    if type(objective).reads_teacher(objective.cfg) and teacher is None:
         raise RuntimeError(f"objective '{objective.name}' needs teacher outputs but none were given")
     return objective(student, teacher, batch)

@@ -247,7 +247,7 @@ class Recipe:
         specs = self.objective_specs()
         if not specs:
             raise ConfigError("objectives: at least one objective needs a weight > 0")
-        needs = [s.name for s in specs if get_objective(s.name).needs_teacher]
+        needs = [s.name for s in specs if get_objective(s.name).reads_teacher(s.cfg)]
         if needs and not (self.teacher or self.data.teacher_cache):
             raise ConfigError(f"teacher: required by objective(s) {', '.join(needs)} (or data.teacher_cache)")
         if self.student.inherits and not (self.teacher or self.student.inherit_from):

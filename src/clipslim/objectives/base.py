@@ -33,6 +33,12 @@ class Objective(nn.Module):
         super().__init__()
         self.cfg = cfg
 
+    @classmethod
+    def reads_teacher(cls, cfg: ObjectiveConfig) -> bool:
+        """Whether this objective with these options reads teacher outputs: ``needs_teacher``, or an option that
+        does (clip's teacher-mined positives)."""
+        return cls.needs_teacher
+
     def forward(self, student: Outputs, teacher: Outputs | None, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
