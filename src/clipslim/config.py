@@ -83,6 +83,9 @@ def build(cls: type[T], data: dict[str, Any] | None, where: str) -> T:
     unknown = [k for k in data if k not in names]
     if unknown:
         raise ConfigError(f"{where}.{unknown[0]}: unknown key (known: {', '.join(names)})")
+    missing = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in data and _required(f)]
+    if missing:
+        raise ConfigError(f"{where}.{missing[0]}: required key missing")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
     try:
         obj = cls(**kwargs)
@@ -92,6 +95,10 @@ def build(cls: type[T], data: dict[str, Any] | None, where: str) -> T:
     if callable(validate):
         validate(where)
     return obj
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
 
 def to_dict(obj: Any) -> Any:

@@ -23,11 +23,29 @@ from typing import Any, Literal
 import yaml
 
 from .config import ConfigError, build, to_dict
-from .objectives import get_objective, parse_config
-from .objectives.base import ObjectiveConfig
+from .inherit.importance import InitSpec, parse_init
+from .inherit.l0 import L0Section
+from .io import read_yaml, yaml_reason
+from .registry import ObjectiveConfig, get_objective, parse_config
 from .tokens.schedule import TokenSection
 
-IMPORTANCE_METHODS = ("magnitude", "activation", "gradient")
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+def recipe_names() -> list[str]:
+    """Names of the recipes shipped with clipslim (``clipslim recipes``)."""
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def resolve_recipe(name: str) -> Path:
+    """A recipe path, or the name of a recipe shipped with clipslim (``clipslim recipes`` lists them)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = RECIPES_DIR / f"{name.removesuffix('.yaml')}.yaml"
+    if shipped.is_file():
+        return shipped
+    raise ConfigError(f"recipe not found: {name} (neither a file nor one of: {', '.join(recipe_names())})")
 
 
 @dataclass
@@ -51,16 +69,23 @@ class StudentSection:
             raise ConfigError(f"{where}.arch: required (an open_clip architecture name)")
         if self.calib_batches < 1:
             raise ConfigError(f"{where}.calib_batches: must be >= 1, got {self.calib_batches}")
-        method = self.init.removeprefix("importance:")
-        if self.init.startswith("importance:") and method not in IMPORTANCE_METHODS:
-            raise ConfigError(
-                f"{where}.init: unknown importance method '{method}' (one of {', '.join(IMPORTANCE_METHODS)})"
-            )
+        if self.init == "continue":
+            raise ConfigError(f"{where}.init: 'continue' is for a stage; a student starts random, inherit, ...")
+        self.start = parse_init(self.init, f"{where}.init")
+
+    @property
+    def start(self) -> InitSpec:
+        """``init`` parsed (set by :meth:`validate`, which every loaded recipe has passed)."""
+        return self._start if hasattr(self, "_start") else parse_init(self.init, "student.init")
+
+    @start.setter
+    def start(self, value: InitSpec) -> None:
+        self._start = value
 
     @property
     def inherits(self) -> bool:
         """Whether init copies slices of another model (the teacher or ``inherit_from``)."""
-        return self.init == "inherit" or self.init.startswith("importance:")
+        return self.start.inherits
 
 
 @dataclass
@@ -115,6 +140,12 @@ class TrainSection:
     """Evaluate on data.eval every N steps (0: only at the end)."""
     max_bad_steps: int = 5
     """A step with a non-finite loss or gradient is skipped and counted; this many in a row stop the run."""
+    max_bad_step_fraction: float = 0.25
+    """A run that skipped more than this fraction of its steps (or every step) ends with an error and exports
+    nothing: its student learned from too little to be worth using."""
+    divergence_steps: int = 20
+    """Warn when a contrastive loss sits at chance level, log(batch), this many steps in a row after warm-up (0:
+    off); a sudden 10x loss jump is reported too (see clipslim.train.guard)."""
     local_loss: bool = False
     """Under torchrun: contrastive terms use local queries × global keys (same gradients, less memory)."""
 
@@ -134,36 +165,13 @@ class TrainSection:
             raise ConfigError(f"{where}.grad_clip: must be > 0 or null (off), got {self.grad_clip}")
         if not math.isfinite(self.lr) or self.lr > 10:
             raise ConfigError(f"{where}.lr: must be a finite number <= 10, got {self.lr}")
+        if not 0.0 <= self.max_bad_step_fraction <= 1.0 or self.divergence_steps < 0:
+            raise ConfigError(f"{where}.max_bad_step_fraction/divergence_steps: must be in [0, 1] / >= 0")
+        if not DEVICE.fullmatch(self.device):
+            raise ConfigError(f"{where}.device: expected auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
 
 
-@dataclass
-class L0Section:
-    """Auto inheritance (TinyCLIP learned inheritance): hard-concrete L0 masks over width, heads and FFN channels of
-    both towers, trained with a Lagrangian sparsity penalty, fused into a smaller dense model at the stage's end."""
-
-    target_sparsity: float = 0.5
-    """Fraction of the stage's starting non-embedding parameters to remove (both towers together)."""
-    start_sparsity: float = 0.0
-    ramp_steps: int = 100
-    """Steps over which the target rises linearly from start_sparsity to target_sparsity."""
-    lambda_init: float = 10.0
-    """Initial Lagrange multipliers lambda1, lambda2 (trained by gradient ascent; TinyCLIP: 10)."""
-    init_log_alpha: float = 1.0
-    """Initial mask logits (1: keep probability 0.93); near-saturated logits (TinyCLIP: 4.6) barely move in a
-    few hundred steps."""
-    mask_lr_scale: float = 100.0
-    """Mask logits and multipliers move this many times faster than train.lr (lr 1e-3: 0.1 per step; TinyCLIP
-    uses 0.02 over thousands of steps)."""
-
-    def validate(self, where: str) -> None:
-        for name in ("target_sparsity", "start_sparsity"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"{where}.{name}: must be in [0, 1), got {getattr(self, name)}")
-        if self.ramp_steps < 1 or self.mask_lr_scale <= 0:
-            raise ConfigError(f"{where}.ramp_steps/mask_lr_scale: must be >= 1 / > 0")
-
-
-STAGE_INITS = ("inherit", "continue")
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
 @dataclass
@@ -186,8 +194,8 @@ class StageSection:
     def validate(self, where: str) -> None:
         if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(f"{where}.name: required, letters/digits/-/_ only, got {self.name!r}")
-        method = self.init.removeprefix("importance:")
-        if self.init not in STAGE_INITS and not (self.init.startswith("importance:") and method in IMPORTANCE_METHODS):
+        start = parse_init(self.init, f"{where}.init")
+        if start.kind not in ("inherit", "importance", "continue"):
             raise ConfigError(f"{where}.init: expected inherit, importance:<method> or continue, got {self.init!r}")
         if self.init != "continue" and not self.arch:
             raise ConfigError(f"{where}.arch: required when init is {self.init}")
@@ -274,7 +282,12 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(raw)
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {part} was set to a plain value by an earlier --set")
+        try:
+            node[leaf] = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {key}: value {raw!r} is not a plain YAML value ({yaml_reason(err)})") from err
     return out
 
 
@@ -314,6 +327,8 @@ def recipe_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -
     """Build and validate a recipe; ``overrides`` (``--set``) are applied, recorded, and name the run (see
     :func:`run_name`) unless they set ``name`` themselves."""
     overrides = list(overrides or [])
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe: expected a mapping (name:, student:, ...), not a {type(data).__name__}")
     merged = _merge(data, parse_overrides(overrides))
     if overrides:
         merged["overrides"] = [*merged.get("overrides", []), *overrides]
@@ -327,10 +342,11 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"recipe file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from err
+    data = read_yaml(path)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping (name:, student:, ...), not a {type(data).__name__}")
     try:
         return recipe_from_dict(data, overrides)
     except ConfigError as err:
@@ -339,3 +355,26 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 def recipe_to_yaml(recipe: Recipe) -> str:
     return yaml.safe_dump(to_dict(recipe), sort_keys=False)
+
+
+RESUME_IDENTITY = ("teacher", "student", "data.train", "data.teacher_cache", "stages")
+"""What a resumed run may not change without ``--force``: the checkpoint was trained from them."""
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(_flatten(value, f"{prefix}{key}."))
+    return {k.removesuffix("."): v for k, v in out.items()}
+
+
+def recipe_changes(stored: dict[str, Any], recipe: Recipe) -> tuple[list[str], list[str]]:
+    """Dotted fields that differ between a run's stored recipe.yaml and ``recipe``, as ``field: old -> new``:
+    (those that change what the checkpoint was trained from, the others)."""
+    old, new = _flatten(stored), _flatten(to_dict(recipe))
+    changed = sorted(k for k in {*old, *new} if k != "overrides" and old.get(k) != new.get(k))
+    described = {k: f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed}
+    identity = [described[k] for k in changed if any(k == p or k.startswith(f"{p}.") for p in RESUME_IDENTITY)]
+    return identity, [described[k] for k in changed if described[k] not in identity]

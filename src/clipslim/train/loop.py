@@ -1,4 +1,4 @@
-"""One training loop for CPU and a single GPU (no torch.distributed needed).
+"""One training loop for CPU, one GPU, or many processes under torchrun (DDP; nothing distributed without it).
 
 AdamW with warmup + cosine, autocast on GPU, gradient clipping, the teacher frozen under no_grad, atomic
 checkpoints with exact resume, a progress bar with loss and pairs/s, a CSV log, periodic evaluation, and on the
@@ -27,9 +27,10 @@ from tqdm.auto import tqdm
 from ..config import ConfigError, RunError
 from ..distributed import DistEnv, broadcast_flag, cleanup, env_from_torchrun, init_distributed, wrap_ddp
 from ..hooks import StepContext
-from ..io import atomic_write_json, atomic_write_text
-from ..recipe import Recipe, TrainSection, recipe_to_yaml
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ..io import WriteError, atomic_write_json, atomic_write_text, ensure_dir, read_mapping, write_periodic
+from ..recipe import Recipe, TrainSection, recipe_changes, recipe_to_yaml
+from .checkpoint import latest_checkpoint, no_checkpoint, resume_checkpoint, save_checkpoint
+from .guard import DivergenceGuard
 from .metrics_log import CsvLog
 from .setup import Built, build, pick_device, teacher_source
 
@@ -67,6 +68,7 @@ class BatchStream:
     def __init__(self, built: Built, recipe: Recipe, device: torch.device, env: DistEnv) -> None:
         self.recipe, self.device, self.built, self.env = recipe, device, built, env
         self.epoch, self.pos = 0, 0
+        self.batches = 0  # full batches delivered in this epoch (pos also counts skip-only items)
         self.skipped: dict[str, int] = {}
         self.good = 0  # samples delivered since the start (or the resume), for the bad-fraction check
         self.skipped_at_start: dict[str, int] = {}
@@ -92,7 +94,7 @@ class BatchStream:
 
         for kind, n in batch.get("skipped", {}).items():
             self.skipped[kind] = self.skipped.get(kind, 0) + n
-        self.good += len(batch["image"])
+        self.good += len(batch.get("image", ()))
         if self.good >= 4 * self.recipe.train.batch_size:
             fresh = {k: v - self.skipped_at_start.get(k, 0) for k, v in self.skipped.items()}
             check_bad_fraction(
@@ -113,23 +115,25 @@ class BatchStream:
         self.epoch, self.skipped = epoch, dict(skipped)
         self.skipped_at_start = dict(skipped)
         self._it = self._loader()
-        for _ in range(pos):
-            next(self._it)
+        self.batches = sum("image" in next(self._it) for _ in range(pos))
         self.pos = pos
 
     def next(self) -> dict[str, Any]:
-        for _attempt in range(2):
+        while True:
             if self._it is None:
                 self._it = self._loader()
             try:
                 batch = next(self._it)
             except StopIteration:
-                if self.pos == 0:
+                if self.batches == 0:
                     break
-                self._it, self.epoch, self.pos = None, self.epoch + 1, 0
+                self._it, self.epoch, self.pos, self.batches = None, self.epoch + 1, 0, 0
                 continue
             self.pos += 1
             self._count(batch)
+            if "image" not in batch:  # only the skip counts of a reader that had no full batch
+                continue
+            self.batches += 1
             return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         raise ConfigError(
             f"data.train: {self.recipe.data.train} gave no full batch of {self.recipe.train.batch_size} pairs "
@@ -178,14 +182,19 @@ def make_precision(name: str, device: torch.device) -> Precision:
 class Trainer:
     """Owns one run directory: ``recipe.yaml``, ``metrics.csv``, ``checkpoints/``, ``student/``, ``results.json``."""
 
-    def __init__(self, recipe: Recipe, run_dir: str | Path, *, resume: bool = False, progress: bool = True) -> None:
+    def __init__(
+        self, recipe: Recipe, run_dir: str | Path, *, resume: bool = False, progress: bool = True, force: bool = False
+    ) -> None:
         self.recipe, self.cfg = recipe, recipe.train
         self.run_dir, self.progress = Path(run_dir), progress
         self.ckpt_dir = self.run_dir / "checkpoints"
         latest = latest_checkpoint(self.ckpt_dir)
         if latest is not None and not resume:
             raise ConfigError(f"run dir {self.run_dir} already has checkpoints: pass --resume, or pick another --out")
+        if resume and latest is None and any(self.ckpt_dir.glob("step_*")):
+            raise no_checkpoint(self.ckpt_dir)
         self.resume_from = latest if resume else None
+        self.previous_recipe = self._check_resume_recipe(force) if self.resume_from is not None else None
         self.env = env_from_torchrun()
         self.device = init_distributed(self.env, pick_device(self.cfg.device))
         seed_everything(self.cfg.seed)
@@ -205,6 +214,27 @@ class Trainer:
             self.metrics.rows, self.evals.rows = [], []
         self.step = 0
         self.bad_steps, self.bad_streak = 0, 0
+        self.guard = DivergenceGuard(
+            self.cfg.batch_size * self.env.world_size, self.cfg.warmup, self.cfg.divergence_steps, self.cfg.lr
+        )
+
+    def _check_resume_recipe(self, force: bool) -> str | None:
+        """The stored recipe.yaml when the new recipe differs from it (kept as recipe.prev.yaml), else None. A
+        different teacher, student or data is refused unless ``force``: the checkpoint was trained from them."""
+        stored = self.run_dir / "recipe.yaml"
+        if not stored.is_file():
+            return None
+        identity, other = recipe_changes(read_mapping(stored), self.recipe)
+        if identity and not force:
+            raise ConfigError(
+                f"{stored}: --resume with a different {'; '.join(identity)}; pass --force to resume anyway, or pick "
+                "another --out"
+            )
+        if not identity and not other:
+            return None
+        log.warning("resuming with a changed recipe (%s); the previous one is kept as recipe.prev.yaml",
+                    "; ".join(identity + other))  # fmt: skip
+        return stored.read_text(encoding="utf-8")
 
     def _prepare_run_dir(self) -> None:
         if self.env.is_main:
@@ -213,14 +243,19 @@ class Trainer:
             self._resume()
 
     def _write_run_files(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        ensure_dir(self.run_dir)
+        if self.previous_recipe is not None:
+            atomic_write_text(self.run_dir / "recipe.prev.yaml", self.previous_recipe)
         atomic_write_text(self.run_dir / "recipe.yaml", recipe_to_yaml(self.recipe))
         log.info("%s", format_summary(self.summary))
         if self.built.inherit_report is not None:
             atomic_write_json(self.run_dir / "inherit.json", self.built.inherit_report)
 
     def _resume(self) -> None:
-        state = load_checkpoint(self.resume_from, self.model, self.optimizer)
+        """Restore the newest checkpoint that loads; damaged newer ones are passed over, in one line."""
+        self.resume_from, state, notes = resume_checkpoint(self.ckpt_dir, self.model, self.optimizer)
+        if notes:
+            log.warning("resuming from %s (passed over: %s)", self.resume_from.name, "; ".join(notes))
         self.step = state["step"]
         self.bad_steps = state.get("bad_steps", 0)
         self.stream.restore(state["epoch"], state["pos"], state.get("skipped", {}))
@@ -301,21 +336,26 @@ class Trainer:
         state["bad_steps"] = self.bad_steps
         try:
             save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer, state, self.cfg.keep_checkpoints)
-        except OSError as err:
+        except WriteError as err:
             kept = latest_checkpoint(self.ckpt_dir)
             msg = f"checkpoint at step {self.step} not written ({err}); last good checkpoint: {kept or 'none yet'}"
             if required:
                 raise RunError(msg) from err
             log.error("%s; training goes on and retries at the next save", msg)
 
-    def evaluate(self) -> dict[str, Any] | None:
+    def evaluate(self, final: bool = False) -> dict[str, Any] | None:
+        """Evaluate on data.eval and log a row to evals.csv (a periodic row that cannot be written is logged)."""
         if not self.recipe.data.eval or not self.env.is_main:
             return None
         from ..eval.run import evaluate_shapes
 
         b = self.built.student
         results = evaluate_shapes(b, self.recipe.data.eval, device=str(self.device), progress=False)
-        self.evals.append({"step": self.step, **_flat_eval(results)})
+        row = {"step": self.step, **_flat_eval(results)}
+        if final:
+            self.evals.append(row)
+        else:
+            write_periodic(lambda: self.evals.append(row), f"evals.csv row at step {self.step}")
         return results
 
     def run(self) -> dict[str, Any]:
@@ -340,8 +380,10 @@ class Trainer:
             self._loop(stop)
         except DataError as err:
             if self.step and self.step != (self._saved_step() or 0):
-                self.save()
-            raise DataError(f"{err} [stopped at step {self.step}; checkpoint kept, --resume continues]") from err
+                self.save(required=False)
+            kept = latest_checkpoint(self.ckpt_dir) if self.env.is_main else None
+            where = f"checkpoint {kept.name} kept, --resume continues" if kept else "no checkpoint saved yet"
+            raise DataError(f"{err} [stopped at step {self.step}; {where}]") from err
 
     def _saved_step(self) -> int | None:
         latest = latest_checkpoint(self.ckpt_dir)
@@ -364,12 +406,13 @@ class Trainer:
             out = self.train_step(self.stream.next())
             self.step += 1
             self._count_bad(out)
+            self._watch(out)
             pairs += self.cfg.batch_size * self.env.world_size
             if self.env.is_main and (self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps):
                 rate = pairs / max(time.perf_counter() - tick, 1e-9)
                 tick, pairs = time.perf_counter(), 0
                 row = {"step": self.step, "epoch": self.stream.epoch, "pairs_per_s": round(rate, 1), **_terms(out)}
-                self.metrics.append(row)
+                write_periodic(lambda row=row: self.metrics.append(row), f"metrics.csv row at step {self.step}")
                 bar.set_postfix(loss=f"{row['loss']:.4f}", pairs_s=f"{rate:.0f}")
             if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.cfg.steps:
                 self.evaluate()
@@ -378,8 +421,27 @@ class Trainer:
             bar.update(1)
         bar.close()
 
+    def _watch(self, out: dict[str, torch.Tensor]) -> None:
+        """Feed the divergence guard (main process only); a finding is one warning line, kept for results.json."""
+        if self.env.is_main and self.guard.patience and "bad_step" not in out:
+            message = self.guard.observe(self.step, _terms(out))
+            if message:
+                log.warning("%s", message)
+
+    def _check_skipped_steps(self) -> None:
+        """A student trained on (almost) no steps is not worth exporting: stop with one line, checkpoint kept."""
+        bad, limit = self.bad_steps, self.cfg.max_bad_step_fraction
+        if self.step and (bad >= self.step or bad > limit * self.step):
+            kept = latest_checkpoint(self.ckpt_dir) if self.env.is_main else None
+            raise RunError(
+                f"{bad} of {self.step} steps were skipped as non-finite (more than train.max_bad_step_fraction "
+                f"{limit:g}): nothing exported; likely causes: a NaN teacher or cache, train.lr {self.cfg.lr:g} too "
+                f"high; last checkpoint: {kept or 'none'}"
+            )
+
     def finish(self) -> dict[str, Any]:
         self.save()
+        self._check_skipped_steps()
         if not self.env.is_main:
             return {"rank": self.env.rank, "steps": self.step}
         return self._export_and_report()
@@ -397,7 +459,8 @@ class Trainer:
         results["run"] = self.summary
         results["skipped"] = self.stream.skipped
         results["bad_steps"] = self.bad_steps
-        results["eval"] = self.evaluate()
+        results["warnings"] = self.guard.messages
+        results["eval"] = self.evaluate(final=True)
         atomic_write_json(self.run_dir / "results.json", results)
         skipped = sum(self.stream.skipped.values())
         log.info("skipped %d bad training samples %s", skipped, self.stream.skipped or "")
@@ -449,6 +512,9 @@ def _flat_eval(results: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
-def train(recipe: Recipe, run_dir: str | Path, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Run a recipe into ``run_dir``; with ``resume`` continue from its latest checkpoint."""
-    return Trainer(recipe, run_dir, resume=resume, progress=progress).run()
+def train(
+    recipe: Recipe, run_dir: str | Path, *, resume: bool = False, progress: bool = True, force: bool = False
+) -> dict[str, Any]:
+    """Run a recipe into ``run_dir``; with ``resume`` continue from its latest complete checkpoint (``force``: even
+    with a different teacher, student or data than the one it was trained with)."""
+    return Trainer(recipe, run_dir, resume=resume, progress=progress, force=force).run()
