@@ -1,18 +1,23 @@
-"""ONNX export + ONNX Runtime parity, int8 quantisation, torch.compile wrapper, `clipslim deploy`. No timing asserts."""
+"""ONNX bundles per precision (fp32 / fp16 / int8): parity, tokenizer + preprocess contract, accuracy and latency
+report, fp16 overflow detection, ORT session options, the export graph rewrite, torch.compile. No timing asserts."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import onnx
 import pytest
 import torch
 from conftest import seeded_model
 
 from clipslim.cli import main
-from clipslim.deploy import REPORT_FILE, OrtClip, parity
+from clipslim.deploy import REPORT_FILE, OrtClip, OrtConfig, deploy, deploy_summary, parity
 from clipslim.deploy.compiled import check_compiler, compile_clip
-from clipslim.deploy.onnx import CONFIG_FILE, example_inputs
+from clipslim.deploy.export_graph import OrtBlock, onnx_ready
+from clipslim.deploy.onnx import example_inputs
+
+BUNDLE_FILES = {"image.onnx", "text.onnx", "preprocess.json", "vocab.json", "merges.txt", "tokenizer.json"}
 
 
 @pytest.fixture(scope="module")
@@ -22,18 +27,18 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def deployed(tmp_path_factory, tiny_shapes, tiny) -> Path:
-    """`clipslim deploy --int8 --data` of tiny-student, with the weights of the `tiny` fixture."""
+    """`clipslim deploy --precision fp32 fp16 int8 --data` of tiny-student, with the weights of the `tiny` fixture."""
     folder = tmp_path_factory.mktemp("deploy")
     weights = folder / "w.pt"
     torch.save(tiny.model.state_dict(), weights)
     out = folder / "onnx"
-    argv = ["deploy", "--model", f"tiny-student:{weights}", "--out", str(out), "--int8", "--repeats", "3"]
-    assert main([*argv, "--data", str(tiny_shapes)]) == 0
+    argv = ["deploy", "--model", f"tiny-student:{weights}", "--out", str(out), "--precision", "fp32", "fp16", "int8"]
+    assert main([*argv, "--repeats", "3", "--batch-sizes", "1", "4", "--data", str(tiny_shapes)]) == 0
     return out
 
 
-def test_onnx_matches_pytorch_at_several_batch_sizes(deployed, tiny):
-    onnx_model = OrtClip.from_folder(deployed)
+def test_fp32_onnx_matches_pytorch_at_several_batch_sizes(deployed, tiny):
+    onnx_model = OrtClip.from_folder(deployed / "fp32")
     for batch in (1, 5):  # exported with batch 2: the batch axis is dynamic
         images, tokens = example_inputs(tiny, batch, seed=batch)
         diffs = parity(tiny.model, onnx_model, images, tokens)
@@ -41,45 +46,122 @@ def test_onnx_matches_pytorch_at_several_batch_sizes(deployed, tiny):
         assert onnx_model.encode_image(images).shape == (batch, 32)
 
 
-def test_config_and_report(deployed, tiny):
-    import onnx
+def test_bundle_is_self_contained(deployed, tiny):
+    """The folder alone (its tokenizer, its preprocess.json) gives eager's embeddings: no open_clip needed."""
+    from transformers import CLIPTokenizer
 
-    config = json.loads((deployed / CONFIG_FILE).read_text())
-    assert config["image_input"]["shape"] == ["batch", 3, 32, 32] and config["text_input"]["shape"] == ["batch", 16]
-    assert config["preprocess_cfg"]["mean"] == list(tiny.preprocess_cfg["mean"])
-    assert config["files"]["image_int8"] == "image_encoder.int8.onnx"
-    graph = onnx.load(str(deployed / "image_encoder.onnx"))
-    assert max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) >= 17
-    assert [i.name for i in graph.graph.input] == ["image"] and [o.name for o in graph.graph.output] == ["image_embeds"]
+    for precision in ("fp32", "fp16", "int8"):
+        folder = deployed / precision
+        assert BUNDLE_FILES <= {p.name for p in folder.iterdir()}, precision
+        pre = json.loads((folder / "preprocess.json").read_text())
+        assert pre["precision"] == precision and pre["image"]["shape"] == ["batch", 3, 32, 32]
+        for key in ("mean", "std"):
+            assert pre["image"][key] == list(tiny.preprocess_cfg[key])
+        assert pre["image"]["interpolation"] == "bicubic" and pre["image"]["resize_mode"] == "shortest"
+        assert pre["text"]["context_length"] == 16 and pre["outputs"]["normalized"]
+        graph = onnx.load(str(folder / "image.onnx"))
+        assert [i.name for i in graph.graph.input] == ["image"] and [o.name for o in graph.graph.output] == [
+            "image_embeds"
+        ]
+        assert graph.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # fp16 too: casts inside
+    captions = ["a red circle", "two small blue squares on the left of a big triangle and more words than fit"]
+    ids = CLIPTokenizer.from_pretrained(str(deployed / "fp32"))(
+        captions, padding="max_length", truncation=True, max_length=16, return_tensors="np"
+    )["input_ids"]
+    got = OrtClip.from_folder(deployed / "fp32").encode_text(torch.from_numpy(ids))
+    with torch.no_grad():
+        want = tiny.model.encode_text(torch.as_tensor(tiny.tokenizer(captions)), normalize=True)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_report_has_parity_accuracy_latency_and_size_per_precision(deployed):
     report = json.loads((deployed / REPORT_FILE).read_text())
-    assert report["parity_ok"] and set(report["parity"]) == {"onnx", "onnx_int8"}
-    for encoder in ("image", "text"):
-        speed = report["speed_batch1"][encoder]
-        assert set(speed) == {"eager", "onnx", "onnx_int8"} and speed["eager"]["ratio_to_eager"] == 1.0
-        assert speed["onnx"]["ratio_to_eager"] == pytest.approx(
-            speed["onnx"]["latency_ms_p50"] / speed["eager"]["latency_ms_p50"]
-        )
-    # fp32 ONNX scores exactly what eager scores; int8 is measured, not assumed
-    acc = report["accuracy"]
-    assert acc["onnx"]["acc1"] == acc["eager"]["acc1"] and acc["onnx"]["n"] == acc["eager"]["n"] > 0
-    assert 0 <= acc["onnx_int8"]["acc1"] <= 1
+    precisions = report["precisions"]
+    assert set(precisions) == {"fp32", "fp16", "int8"} and precisions["fp32"]["parity_ok"]
+    for name, info in precisions.items():
+        assert {"image_max_abs_diff", "image_min_cosine", "text_min_cosine"} <= set(info["parity"]), name
+        assert set(info["accuracy_delta_vs_eager"]) >= {"acc1", "acc5"}
+    for batch in ("b1", "b4"):
+        for encoder in ("image", "text"):
+            speed = report["latency"][batch][encoder]
+            assert set(speed) == {"eager", "fp32", "fp16", "int8"} and speed["eager"]["ratio_to_eager"] == 1.0
+            assert speed["int8"]["ratio_to_eager"] == pytest.approx(
+                speed["int8"]["latency_ms_p50"] / speed["eager"]["latency_ms_p50"]
+            )
+    acc = report["accuracy"]  # fp32 ONNX scores exactly what eager scores; fp16 / int8 are measured, not assumed
+    assert acc["fp32"]["acc1"] == acc["eager"]["acc1"] and acc["fp32"]["n"] == acc["eager"]["n"] > 0
+    assert precisions["fp32"]["accuracy_delta_vs_eager"]["acc1"] == 0.0
+    size = {p: info["file_bytes"] for p, info in precisions.items()}
+    assert size["fp16"]["text"] < 0.55 * size["fp32"]["text"] and size["int8"]["text"] < 0.5 * size["fp32"]["text"]
+    assert report["table"].count("\n") == 1 + 4 and "Δ vs eager" in report["table"]
+    assert not any(v["overflow"] for v in precisions["fp16"]["fp16_overflow"].values())
 
 
-def test_int8_is_quantised_smaller_and_close(deployed, tiny):
-    import onnx
-
-    ops = {n.op_type for n in onnx.load(str(deployed / "image_encoder.int8.onnx")).graph.node}
+def test_int8_and_fp16_graphs_are_really_converted_and_close(deployed, tiny):
+    ops = {n.op_type for n in onnx.load(str(deployed / "int8" / "image.onnx")).graph.node}
     assert ops & {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul"}
-    assert (deployed / "text_encoder.int8.onnx").stat().st_size < 0.5 * (deployed / "text_encoder.onnx").stat().st_size
+    fp16 = onnx.load(str(deployed / "fp16" / "text.onnx"))
+    assert sum(t.data_type == onnx.TensorProto.FLOAT16 for t in fp16.graph.initializer) > 10
     images, tokens = example_inputs(tiny, 4)
-    diffs = parity(tiny.model, OrtClip.from_folder(deployed, int8=True), images, tokens)
-    assert diffs["image_min_cosine"] > 0.98 and diffs["text_min_cosine"] > 0.98, diffs
-    assert diffs["image_max_abs_diff"] > 1e-6  # really a different (quantised) graph
+    for precision, min_cos in (("int8", 0.97), ("fp16", 0.999)):  # int8 of random tiny weights: ~0.98
+        diffs = parity(tiny.model, OrtClip.from_folder(deployed / precision), images, tokens)
+        assert diffs["image_min_cosine"] > min_cos and diffs["text_min_cosine"] > min_cos, (precision, diffs)
+        assert diffs["image_max_abs_diff"] > 1e-6  # really a different graph
 
 
-def test_missing_int8_files_are_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"image_encoder\.int8\.onnx .*--int8"):
-        OrtClip.from_folder(tmp_path, int8=True)
+def test_fp16_text_overflow_is_detected_and_reported(tmp_path):
+    bundle = seeded_model("tiny-student")
+    with torch.no_grad():  # residual stream ~1e5, past fp16's 65504; the image tower is untouched
+        bundle.model.token_embedding.weight.mul_(1e7)
+    report = deploy(bundle, tmp_path / "out", ["fp16"], repeats=1, batch_sizes=(1,))
+    verdict = report["precisions"]["fp16"]["fp16_overflow"]
+    assert verdict["text"]["overflow"] and verdict["text"]["torch_fp16_nonfinite_rows"] == 16
+    assert verdict["text"]["peak_abs_activation"] > 65504 and not verdict["image"]["overflow"]
+    assert verdict["image"]["torch_fp16_nonfinite_rows"] == 0 and verdict["image"]["fp16_headroom"] > 1
+    summary = deploy_summary(report, tmp_path / "out")
+    assert "fp16 text tower OVERFLOWS" in summary and "fp16 image tower: no overflow" in summary
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        OrtConfig(io_binding=True),
+        OrtConfig(parallel=True, inter_threads=2),
+        OrtConfig(spinning=False, intra_threads=1),
+        OrtConfig(optimization="disable"),
+    ],
+)
+def test_session_options_change_speed_not_results(deployed, tiny, config):
+    images, tokens = example_inputs(tiny, 3)
+    reference = OrtClip.from_folder(deployed / "fp32")
+    other = OrtClip.from_folder(deployed / "fp32", config)
+    torch.testing.assert_close(other.encode_image(images), reference.encode_image(images), atol=1e-5, rtol=0)
+    torch.testing.assert_close(other.encode_text(tokens), reference.encode_text(tokens), atol=1e-5, rtol=0)
+
+
+def test_export_graph_rewrite_is_exact_and_leaves_hooked_blocks_alone():
+    from clipslim.tokens.prune import PruneConfig, apply_token_pruning
+
+    bundle = seeded_model("tiny-teacher")
+    for name, p in bundle.model.named_parameters():
+        if name.endswith("in_proj_bias"):
+            p.data.normal_(0, 0.1)  # open_clip initialises them to zero: make q/k/v splitting matter
+    rewritten = onnx_ready(bundle.model)
+    assert all(isinstance(b, OrtBlock) for b in rewritten.visual.transformer.resblocks)
+    images, tokens = example_inputs(bundle, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(rewritten.encode_image(images), bundle.model.encode_image(images), atol=1e-5, rtol=0)
+        torch.testing.assert_close(rewritten.encode_text(tokens), bundle.model.encode_text(tokens), atol=1e-5, rtol=0)
+    apply_token_pruning(bundle.model, PruneConfig(keep_ratio=0.5, after_block=0))
+    pruned = onnx_ready(bundle.model)
+    assert not isinstance(pruned.visual.transformer.resblocks[0], OrtBlock)  # its hook prunes tokens
+    with torch.no_grad():
+        torch.testing.assert_close(pruned.encode_image(images), bundle.model.encode_image(images), atol=1e-5, rtol=0)
+
+
+def test_missing_bundle_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"image\.onnx .*clipslim deploy"):
+        OrtClip.from_folder(tmp_path)
 
 
 def test_compiled_wrapper_matches_eager(tiny):

@@ -1,14 +1,15 @@
-"""Image and text encoders as ONNX files, run with ONNX Runtime, optionally with int8 dynamic quantisation.
+"""Image and text encoders as ONNX files run with ONNX Runtime, in fp32, fp16 or int8 (dynamic quantisation).
 
 Each encoder is exported on its own (``torch.onnx.export``, the torch.export-based exporter, opset 18) with a
 dynamic batch axis and returns **L2-normalised** embeddings (``image`` -> ``image_embeds``, ``text`` ->
 ``text_embeds``; "embedding" would clash with the name of the token-embedding node), so a deployment only needs
-``image_embeds @ text_embeds.T``.
-Text input is open_clip token ids (int64, ``[batch, context_length]``); ``deploy_config.json`` records the
-tokenizer, the image preprocessing and everything else needed to feed the files without clipslim.
+``image_embeds @ text_embeds.T``. The transformer blocks are exported through ``export_graph.OrtBlock`` (same
+weights, a graph ONNX Runtime runs faster). Text input is open_clip token ids (int64, ``[batch, context_length]``).
+fp16 files keep fp32 inputs and outputs (casts inside), so every precision is fed the same way.
 
 ``OrtClip`` wraps the sessions as a module with ``encode_image`` / ``encode_text``, so the same evaluation code
-that scores a PyTorch model scores the exported (or quantised) one.
+that scores a PyTorch model scores the exported one. ``OrtConfig`` holds the session settings the speed benchmark
+sweeps (threads, graph optimisation, execution mode, spinning, I/O binding); its defaults are the measured best.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import contextlib
 import io
 import logging
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +26,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from clipslim.io import atomic_write_json
-
-IMAGE_FILE, TEXT_FILE = "image_encoder.onnx", "text_encoder.onnx"
-INT8_SUFFIX = ".int8.onnx"
-CONFIG_FILE = "deploy_config.json"
+IMAGE_FILE, TEXT_FILE = "image.onnx", "text.onnx"
 OPSET = 18
+FP16_MAX = 65504.0
 
 
 class ImageEncoder(nn.Module):
@@ -56,20 +55,26 @@ class TextEncoder(nn.Module):
 
 def _export(module: nn.Module, example: torch.Tensor, path: Path, input_name: str, opset: int) -> Path:
     """One encoder to ``path``; the exporter's chatter (progress lines, deprecation warnings) is silenced."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module.eval(),
-            (example,),
-            str(path),
-            input_names=[input_name],
-            output_names=[f"{input_name}_embeds"],
-            opset_version=opset,
-            dynamo=True,
-            external_data=False,
-            verbose=False,
-            dynamic_shapes=({0: torch.export.Dim("batch")},),
-        )
+    quiet = logging.getLogger("onnxscript")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # "skipping constant folding" notes, one per node
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module.eval(),
+                (example,),
+                str(path),
+                input_names=[input_name],
+                output_names=[f"{input_name}_embeds"],
+                opset_version=opset,
+                dynamo=True,
+                external_data=False,
+                verbose=False,
+                dynamic_shapes=({0: torch.export.Dim("batch")},),
+            )
+    finally:
+        quiet.setLevel(level)
     return path
 
 
@@ -83,13 +88,18 @@ def example_inputs(bundle: Any, batch: int = 2, seed: int = 0) -> tuple[torch.Te
     return images, torch.as_tensor(bundle.tokenizer(captions)).long()
 
 
-def export_onnx(bundle: Any, out_dir: str | Path, opset: int = OPSET) -> dict[str, Path]:
-    """Write ``image_encoder.onnx`` and ``text_encoder.onnx`` of a ``ClipBundle`` (moved to CPU) to ``out_dir``."""
+def export_onnx(bundle: Any, out_dir: str | Path, opset: int = OPSET, rewrite: bool = True) -> dict[str, Path]:
+    """Write ``image.onnx`` and ``text.onnx`` of a ``ClipBundle`` (a CPU copy) to ``out_dir``.
+
+    ``rewrite=False`` exports open_clip's blocks as they are (the benchmark's baseline graph)."""
+    from clipslim.deploy.export_graph import onnx_ready
+
     if opset < 17:
         raise ValueError(f"ONNX opset must be >= 17 (LayerNormalization), got {opset}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = bundle.model.cpu().eval()
+    model = onnx_ready(model) if rewrite else model
     images, tokens = example_inputs(bundle)
     return {
         "image": _export(ImageEncoder(model), images, out_dir / IMAGE_FILE, "image", opset),
@@ -97,12 +107,10 @@ def export_onnx(bundle: Any, out_dir: str | Path, opset: int = OPSET) -> dict[st
     }
 
 
-def quantize_int8(src: str | Path) -> Path:
-    """Dynamic int8 quantisation (weights int8, activations quantised per call) next to ``src``: ``*.int8.onnx``."""
+def quantize_int8(src: str | Path, dst: str | Path) -> Path:
+    """Dynamic int8 quantisation (weights int8, activations quantised per call) of ``src`` into ``dst``."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    src = Path(src)
-    dst = src.with_name(src.name.removesuffix(".onnx") + INT8_SUFFIX)
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # it logs a "consider pre-processing" hint on every call
@@ -110,74 +118,107 @@ def quantize_int8(src: str | Path) -> Path:
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
     finally:
         root.setLevel(level)
-    return dst
+    return Path(dst)
 
 
-def write_config(bundle: Any, out_dir: str | Path, files: dict[str, Path], **extra: Any) -> Path:
-    """``deploy_config.json``: file names, input contract, preprocessing, tokenizer and source of the export."""
-    from clipslim.eval.bench import image_hw
-    from clipslim.export import jsonable
+def to_fp16(src: str | Path, dst: str | Path) -> Path:
+    """fp16 weights and activations, fp32 inputs/outputs; the final L2 norm stays fp32 (its sum of squares would
+    overflow fp16 for embeddings longer than 256)."""
+    import onnx
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    context_length = int(example_inputs(bundle, 1)[1].shape[1])
-    config = {
-        "files": {k: p.name for k, p in files.items()},
-        "image_input": {"name": "image", "shape": ["batch", 3, *image_hw(bundle)], "dtype": "float32"},
-        "text_input": {"name": "text", "shape": ["batch", context_length], "dtype": "int64"},
-        "outputs": {
-            "names": ["image_embeds", "text_embeds"],
-            "normalized": True,
-            "dim": bundle.model_cfg.get("embed_dim"),
-        },
-        "logit_scale": float(bundle.model.logit_scale.detach().exp()) if hasattr(bundle.model, "logit_scale") else None,
-        "preprocess_cfg": jsonable(bundle.preprocess_cfg),
-        "tokenizer": "open_clip.get_tokenizer(model_cfg) (SimpleTokenizer unless text_cfg names an HF tokenizer)",
-        "model_cfg": jsonable(bundle.model_cfg),
-        "source": bundle.spec,
-        **jsonable(extra),
-    }
-    return atomic_write_json(Path(out_dir) / CONFIG_FILE, config)
+    model = onnx.load(str(src))
+    blocked = [*DEFAULT_OP_BLOCK_LIST, "ReduceL2"]
+    onnx.save(convert_float_to_float16(model, keep_io_types=True, op_block_list=blocked), str(dst))
+    return Path(dst)
 
 
-def ort_session(path: str | Path, threads: int | None = None) -> Any:
-    """A CPU ONNX Runtime session; ``threads`` intra-op threads (default: torch's, for a like-for-like race)."""
+@dataclass(frozen=True)
+class OrtConfig:
+    """ONNX Runtime CPU session settings; ``None`` threads means torch's count (a like-for-like race)."""
+
+    intra_threads: int | None = None
+    inter_threads: int = 1
+    optimization: str = "all"  # disable | basic | extended | all
+    parallel: bool = False  # ORT_PARALLEL execution mode (runs independent nodes concurrently)
+    spinning: bool = True  # intra-op threads busy-wait between ops
+    io_binding: bool = False  # bind numpy buffers instead of run()'s feed dict
+
+    def session_options(self) -> Any:
+        import onnxruntime as ort
+
+        level = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[self.optimization]
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.intra_threads or torch.get_num_threads()
+        opts.inter_op_num_threads = self.inter_threads
+        opts.graph_optimization_level = level
+        opts.execution_mode = ort.ExecutionMode.ORT_PARALLEL if self.parallel else ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
+        opts.log_severity_level = 3  # fp16 graphs log one "inserted cast" warning per node on CPU
+        return opts
+
+
+def ort_session(path: str | Path, config: OrtConfig | None = None) -> Any:
+    """A CPU ONNX Runtime session with ``config`` (default ``OrtConfig()``)."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads or torch.get_num_threads()
-    opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts = (config or OrtConfig()).session_options()
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+class _Runner:
+    """One session and how it is called: feed dict, or I/O binding to numpy buffers."""
+
+    def __init__(self, path: str | Path, config: OrtConfig):
+        self.session = ort_session(path, config)
+        self.input = self.session.get_inputs()[0].name
+        self.output = self.session.get_outputs()[0].name
+        self.io_binding = config.io_binding
+
+    def __call__(self, x: np.ndarray) -> torch.Tensor:
+        if not self.io_binding:
+            return torch.from_numpy(self.session.run([self.output], {self.input: x})[0])
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(self.input, np.ascontiguousarray(x))
+        binding.bind_output(self.output, "cpu")
+        self.session.run_with_iobinding(binding)
+        return torch.from_numpy(binding.get_outputs()[0].numpy())
 
 
 class OrtClip(nn.Module):
     """ONNX Runtime sessions behind the open_clip encoder interface (outputs are already normalised)."""
 
-    def __init__(self, image_path: str | Path, text_path: str | Path, threads: int | None = None):
+    def __init__(self, image_path: str | Path, text_path: str | Path, config: OrtConfig | None = None):
         super().__init__()
-        self.image_session, self.text_session = ort_session(image_path, threads), ort_session(text_path, threads)
+        config = config or OrtConfig()
+        self.image_runner, self.text_runner = _Runner(image_path, config), _Runner(text_path, config)
 
     @classmethod
-    def from_folder(cls, folder: str | Path, int8: bool = False, threads: int | None = None) -> OrtClip:
+    def from_folder(cls, folder: str | Path, config: OrtConfig | None = None) -> OrtClip:
+        """The encoders of one bundle folder written by ``clipslim deploy`` (e.g. ``OUT/int8``)."""
         folder = Path(folder)
-        suffix = INT8_SUFFIX if int8 else ".onnx"
-        paths = [folder / f.replace(".onnx", suffix) for f in (IMAGE_FILE, TEXT_FILE)]
+        paths = [folder / IMAGE_FILE, folder / TEXT_FILE]
         missing = [str(p) for p in paths if not p.is_file()]
         if missing:
-            raise FileNotFoundError(f"ONNX encoder not found: {missing[0]} (run `clipslim deploy`{' --int8' * int8})")
-        return cls(*paths, threads=threads)
+            raise FileNotFoundError(f"ONNX encoder not found: {missing[0]} (run `clipslim deploy --format onnx`)")
+        return cls(*paths, config=config)
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        out = self.image_session.run(None, {"image": images.detach().cpu().float().numpy()})[0]
-        return torch.from_numpy(out)
+        return self.image_runner(images.detach().cpu().float().numpy())
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        out = self.text_session.run(None, {"text": tokens.detach().cpu().numpy().astype(np.int64)})[0]
-        return torch.from_numpy(out)
+        return self.text_runner(tokens.detach().cpu().numpy().astype(np.int64))
 
 
 @torch.no_grad()
 def parity(reference: nn.Module, candidate: nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, float]:
-    """Largest absolute difference and smallest cosine between normalised embeddings of the two models."""
+    """Largest absolute difference and smallest cosine between normalised embeddings of the two models, and how
+    many rows of the candidate are not finite (fp16 overflow shows up as inf / nan rows)."""
     reference.eval()
     out: dict[str, float] = {}
     for name, ref, got in (
@@ -185,6 +226,11 @@ def parity(reference: nn.Module, candidate: nn.Module, images: torch.Tensor, tok
         ("text", reference.encode_text(tokens, normalize=True), candidate.encode_text(tokens, normalize=True)),
     ):
         ref, got = ref.float().cpu(), got.float().cpu()
-        out[f"{name}_max_abs_diff"] = (ref - got).abs().max().item()
-        out[f"{name}_min_cosine"] = torch.nn.functional.cosine_similarity(ref, got, dim=-1).min().item()
+        bad = ~torch.isfinite(got).all(dim=-1)
+        out[f"{name}_nonfinite_rows"] = int(bad.sum())
+        ref, got = ref[~bad], got[~bad]
+        out[f"{name}_max_abs_diff"] = (ref - got).abs().max().item() if len(got) else float("nan")
+        out[f"{name}_min_cosine"] = (
+            torch.nn.functional.cosine_similarity(ref, got, dim=-1).min().item() if len(got) else float("nan")
+        )
     return out
