@@ -181,3 +181,14 @@ def test_cross_kd_matches_clip_kd_formula():
     torch.testing.assert_close(got, ref)
     fixed = _make("cross_kd", teacher_scale=50.0)(s, t, {})["cross_kd_loss"]
     assert fixed.item() != pytest.approx(got.item())
+
+
+def test_issue21_measurement_recipes_load():
+    from pathlib import Path
+
+    from clipslim.recipe import load_recipe
+
+    paths = sorted((Path(__file__).parents[1] / "benchmarks" / "multipos").glob("*.yaml"))
+    assert len(paths) == 13
+    names = {load_recipe(p).name for p in paths}
+    assert len(names) == 13
