@@ -131,13 +131,14 @@ def test_counts_survive_drop_last(corrupt_dir: tuple[Path, set[str]], clip: tupl
     assert stats.counts == {"empty_caption": 1, "bad_caption_encoding": 1, "missing_image": 1}
 
 
-def test_worker_without_batches_warns(corrupt_dir: tuple[Path, set[str]], clip: tuple, caplog) -> None:
-    """The documented limit: a process that yields no batch (here 3 good samples, batch 4, drop_last) cannot
-    report its skips through a batch, so it logs them."""
-    pre_train, _, tokenizer = clip
+def test_worker_without_batches_reports_its_skips(corrupt_dir: tuple[Path, set[str]], clip: tuple, caplog) -> None:
+    """A training reader that yields no full batch (here 3 good samples, batch 4, drop_last) passes its skips on as
+    a skips-only item, which the trainer counts; an eval reader keeps its partial batch, which carries them."""
+    pre_train, pre_val, tokenizer = clip
     batches, stats = run_epoch(make_loader(corrupt_dir[0] / "part-c.tar", pre_train, tokenizer, 4, train=True))
-    assert batches == [] and stats.total == 0
-    assert "yielded no batch" in caplog.text and "truncated_member=1" in caplog.text
+    assert batches == [{"skipped": {"truncated_member": 1}}] and stats.counts == {"truncated_member": 1}
+    batches, stats = run_epoch(make_loader(corrupt_dir[0] / "part-c.tar", pre_val, tokenizer, 4, train=False))
+    assert len(batches) == 1 and stats.counts == {"truncated_member": 1}  # a partial batch carries them
 
 
 @pytest.mark.parametrize("offset", [100, 512 + 5, 1024 + 100, 1536 + 50, -1])

@@ -54,14 +54,14 @@ def ensure_dir(path: str | Path) -> Path:
     return path
 
 
-def write_periodic(write: Callable[[], T], what: str) -> T | None:
+def write_periodic(write: Callable[[], T], what: str, then: str = "retried at the next write") -> T | None:
     """Run a periodic write (a metrics row, an intermediate checkpoint, one cache shard). A failed one is logged in
     one line and the job goes on: the next periodic write retries, and the final write, which is not wrapped, stops
     the job with a :class:`WriteError` if the disk is still bad."""
     try:
         return write()
     except WriteError as err:
-        log.error("%s not written (%s); going on, retried at the next write", what, err)
+        log.error("%s not written (%s); going on, %s", what, err, then)
         return None
 
 
@@ -136,7 +136,10 @@ def load_tensors(path: str | Path, device: str = "cpu") -> dict[str, torch.Tenso
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
-    return load_file(str(path), device=device)
+    try:
+        return load_file(str(path), device=device)
+    except Exception as err:  # safetensors raises its own SafetensorError on a truncated or foreign file
+        raise ConfigError(f"{path}: not a readable safetensors file ({_why(err)})") from err
 
 
 def read_json(path: str | Path) -> Any:

@@ -17,7 +17,7 @@ same names work in stock ``open_clip.create_model`` once ``clipslim`` is importe
 from __future__ import annotations
 
 import hashlib
-import json
+import importlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +26,8 @@ from typing import Any
 import open_clip
 import torch
 from torch import nn
+
+from .io import read_mapping
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 ASSETS_DIR = Path(__file__).parent / "assets"
@@ -116,17 +118,28 @@ def resolve_spec(spec: str) -> ResolvedSpec:
 def _read_folder_cfg(model_name: str) -> dict[str, Any]:
     if not model_name.startswith("local-dir:"):
         return {}
-    return json.loads((Path(model_name.removeprefix("local-dir:")) / "open_clip_config.json").read_text())
+    return read_mapping(Path(model_name.removeprefix("local-dir:")) / "open_clip_config.json")
+
+
+EXTENSIONS = {
+    "hf_loader": "clipslim.deploy.hf:load_hf",
+    "token_pruning": "clipslim.tokens.prune:load_token_pruning",
+}
+"""Loaders that live with the method that writes the format; this leaf reaches them by name, on use, so it imports
+no upper layer (see docs/ARCHITECTURE.md)."""
+
+
+def _extension(name: str) -> Any:
+    module, _, attr = EXTENSIONS[name].partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def load_model(spec: str, device: str | torch.device = "cpu", precision: str = "fp32") -> ClipBundle:
     """Build a CLIP model from a spec with stock open_clip, with its transforms and tokenizer."""
     if spec.strip().startswith("hf:"):  # a transformers CLIP folder, converted (deploy/hf.py)
-        from .deploy.hf import load_hf
-
-        return load_hf(spec.strip(), device=device, precision=precision)
+        return _extension("hf_loader")(spec.strip(), device=device, precision=precision)
     resolved = resolve_spec(spec)
-    with _quiet_random_init():
+    with quiet_random_init():
         try:
             model, pre_train, pre_val = open_clip.create_model_and_transforms(
                 resolved.model_name, pretrained=resolved.pretrained, device=device, precision=precision
@@ -135,9 +148,7 @@ def load_model(spec: str, device: str | torch.device = "cpu", precision: str = "
             raise ModelSpecError(f"could not load model '{spec}': {err}") from err
     folder_cfg = _read_folder_cfg(resolved.model_name)
     if folder_cfg:  # a folder written by `clipslim prune-tokens` reloads pruned (token_pruning.json beside it)
-        from .tokens.prune import load_token_pruning
-
-        load_token_pruning(model, resolved.model_name.removeprefix("local-dir:"))
+        _extension("token_pruning")(model, resolved.model_name.removeprefix("local-dir:"))
     model_cfg = folder_cfg.get("model_cfg") or open_clip.get_model_config(resolved.model_name) or {}
     arch = folder_cfg.get("arch", resolved.arch)
     tokenizer = open_clip.get_tokenizer(resolved.model_name)
@@ -200,14 +211,14 @@ def config_summary(arch: str) -> dict[str, Any]:
     row: dict[str, Any] = {"arch": arch, "image_size": size, "embed_dim": cfg.get("embed_dim")}
     row["context_length"] = cfg.get("text_cfg", {}).get("context_length", 77)
     try:
-        with _quiet_random_init(), torch.device("meta"):
+        with quiet_random_init(), torch.device("meta"):
             model = open_clip.create_model(arch, device="meta")
     except Exception as err:  # e.g. a timm or HF tower whose package is not installed
         return {**row, "error": str(err).splitlines()[0] if str(err) else type(err).__name__}
     return {**row, **count_params(model).as_dict()}
 
 
-class _quiet_random_init:
+class quiet_random_init:
     """open_clip warns on every random init; that is the normal case for a student, so hide it."""
 
     def __enter__(self) -> None:

@@ -15,6 +15,7 @@ warning instead.
 from __future__ import annotations
 
 import csv
+import glob
 import io
 import json
 import logging
@@ -26,16 +27,13 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import webdataset as wds
 from braceexpand import braceexpand
 from PIL import Image
 from torch.utils.data import DataLoader
-
-if TYPE_CHECKING:
-    from .teacher_cache import TeacherCache
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +64,15 @@ MAX_IMAGE_PIXELS = 64_000_000
 """Decompression-bomb guard: images are refused from their header, before any pixels are decoded."""
 MIN_IMAGE_SIDE = 8
 """Images thinner than this (tracking pixels, 1x1 placeholders) carry nothing to learn from."""
+
+
+class Replayer(Protocol):
+    """A teacher cache as the loader sees it (:class:`clipslim.data.teacher_cache.TeacherCache`): replays a stored
+    augmentation per sample and adds the teacher's embeddings to each batch."""
+
+    def replay(self, shard: str, key: str, image: Image.Image, caption: str, meta: dict, *, seed: str) -> dict: ...
+
+    def collate(self, samples: list[dict[str, Any]], base: Callable[[list[dict]], dict]) -> dict[str, Any]: ...
 
 
 class DataError(ValueError):
@@ -110,7 +117,7 @@ def check_bad_fraction(skipped: dict[str, int], good: int, limit: float, where: 
         )
 
 
-class _SkipCounter:
+class SkipCounter:
     """Per-process tally of skipped samples; each DataLoader worker holds its own copy."""
 
     def __init__(self) -> None:
@@ -132,18 +139,33 @@ def _is_pattern(text: str) -> bool:
     return "{" in text and "}" in text
 
 
-def _is_csv(data: str | Path) -> bool:
+def is_csv_path(data: str | Path) -> bool:
     return str(data).lower().endswith(".csv")
 
 
+def _is_glob(text: str) -> bool:
+    return any(c in text for c in "*?[")
+
+
+def _expand(text: str) -> list[str]:
+    """Brace expansion, then each glob replaced by the sorted .tar files it matches (a glob lists what exists, so
+    only brace-listed names can be missing)."""
+    out: list[str] = []
+    for part in braceexpand(text) if _is_pattern(text) else [text]:
+        matches = sorted(p for p in glob.glob(part) if p.endswith(".tar") and Path(p).is_file())
+        out += matches if _is_glob(part) else [part]
+    return list(dict.fromkeys(out))
+
+
 def resolve_shards(data: str | Path) -> list[str]:
-    """Shard paths of a directory (its *.tar, sorted), a single .tar, or a brace pattern."""
+    """Shard paths of a directory (its *.tar, sorted), a single .tar, a brace pattern or a glob (``train/*.tar``,
+    ``{a,b}/*.tar``)."""
     text = str(data)
-    if _is_pattern(text):
-        expanded = list(braceexpand(text))
+    if _is_pattern(text) or (_is_glob(text) and not Path(text).exists()):
+        expanded = _expand(text)
         found = [p for p in expanded if Path(p).is_file()]
         if not found:
-            raise DataError(f"data path not found: {text}")
+            raise DataError(f"data path not found: {text} (no .tar file matches)")
         if len(found) < len(expanded):  # kept in the list: the reader counts each as a missing_shard
             log.warning("%s: %d of %d shards are missing", text, len(expanded) - len(found), len(expanded))
         return expanded
@@ -160,7 +182,7 @@ def resolve_shards(data: str | Path) -> list[str]:
     raise DataError(f"data path not found: {path}")
 
 
-def _read_csv(path: Path) -> list[tuple[str, str | None]]:
+def read_csv_rows(path: Path) -> list[tuple[str, str | None]]:
     """(filepath, caption) rows of a CSV with a header; a missing cell reads as None."""
     if not path.is_file():
         raise DataError(f"data path not found: {path}")
@@ -210,8 +232,8 @@ def _info_json_count(shards: list[str]) -> int | None:
 
 def num_samples(data: str | Path) -> int | None:
     """Number of samples (bad ones included) if known without reading the shards, else None."""
-    if _is_csv(data):
-        return len(_read_csv(Path(data)))
+    if is_csv_path(data):
+        return len(read_csv_rows(Path(data)))
     try:
         shards = resolve_shards(data)
     except DataError:
@@ -228,17 +250,17 @@ def _worker_id() -> int:
     return 0 if info is None else info.id
 
 
-def _stream_seed(*parts: object) -> int:
+def stream_seed_of(*parts: object) -> int:
     """A 63-bit seed from readable parts; string seeding is stable across processes and runs."""
     return random.Random(":".join(map(str, parts))).getrandbits(63)
 
 
-def _first(sample: dict[str, Any], keys: tuple[str, ...]) -> Any:
+def first_field(sample: dict[str, Any], keys: tuple[str, ...]) -> Any:
     return next((sample[k] for k in keys if k in sample), None)
 
 
 def _is_complete(sample: dict[str, Any]) -> bool:
-    return _first(sample, IMAGE_KEYS) is not None and _first(sample, CAPTION_KEYS) is not None
+    return first_field(sample, IMAGE_KEYS) is not None and first_field(sample, CAPTION_KEYS) is not None
 
 
 def _tar_error_kind(exn: BaseException) -> str:
@@ -273,7 +295,7 @@ def _shard_damage(url: str, errors: list[BaseException]) -> str | None:
     return None
 
 
-def _tar_samples(shards: Iterable[dict[str, Any]], counter: _SkipCounter) -> Iterator[dict[str, Any]]:
+def tar_samples(shards: Iterable[dict[str, Any]], counter: SkipCounter) -> Iterator[dict[str, Any]]:
     """webdataset's tar reader, one shard at a time, so a broken shard counts once (tarfile often raises twice)
     and the incomplete sample it ends on is dropped as part of that damage rather than counted again."""
     for shard in shards:
@@ -299,7 +321,7 @@ def _tar_samples(shards: Iterable[dict[str, Any]], counter: _SkipCounter) -> Ite
             yield held
 
 
-def _csv_samples(rows: Iterable[tuple[str, str | None]], base: Path, counter: _SkipCounter) -> Iterator[dict]:
+def _csv_samples(rows: Iterable[tuple[str, str | None]], base: Path, counter: SkipCounter) -> Iterator[dict]:
     for filepath, caption in rows:
         path = Path(filepath or "")
         path = path if path.is_absolute() else base / path
@@ -328,7 +350,7 @@ def read_keep_list(path: str | Path) -> frozenset[str]:
     return keys
 
 
-def _keep_only(src: Iterator[dict], keep: frozenset[str], counter: _SkipCounter) -> Iterator[dict]:
+def _keep_only(src: Iterator[dict], keep: frozenset[str], counter: SkipCounter) -> Iterator[dict]:
     """Drop samples whose key is not in the keep list, before any decoding; each counts as ``not_in_keep_list``."""
     for sample in src:
         if str(sample.get("__key__", "")) in keep:
@@ -339,11 +361,11 @@ def _keep_only(src: Iterator[dict], keep: frozenset[str], counter: _SkipCounter)
 
 def _seeded_shuffle(src: Iterator[dict], bufsize: int, seed: str) -> Iterator[dict]:
     """Buffer shuffle whose RNG is seeded per worker at iteration time, so every worker's order is reproducible."""
-    rng = random.Random(_stream_seed(seed, _worker_id()))
+    rng = random.Random(stream_seed_of(seed, _worker_id()))
     yield from wds.shuffle(bufsize, initial=bufsize, rng=rng)(src)
 
 
-def _open_image(data: bytes) -> Image.Image | str:
+def open_image(data: bytes) -> Image.Image | str:
     """The RGB image, or the skip kind; the size is checked from the header before any pixel is decoded."""
     try:
         with warnings.catch_warnings():
@@ -372,7 +394,7 @@ def _meta(raw: Any) -> dict[str, Any]:
 def caption_text(sample: dict[str, Any]) -> tuple[str, bool]:
     """``(stripped caption, True)``, or ``(skip kind, False)`` when the caption is missing, oversized, not UTF-8 or
     empty; shared by training, caching and eval readers so they skip the same samples for the same reasons."""
-    raw = _first(sample, CAPTION_KEYS)
+    raw = first_field(sample, CAPTION_KEYS)
     if raw is None:
         return "missing_caption", False
     if len(raw) > MAX_CAPTION_BYTES:
@@ -384,15 +406,15 @@ def caption_text(sample: dict[str, Any]) -> tuple[str, bool]:
     return (caption, True) if caption else ("empty_caption", False)
 
 
-def _parse(sample: dict[str, Any]) -> tuple[Image.Image, str, dict[str, Any]] | str:
+def parse_sample(sample: dict[str, Any]) -> tuple[Image.Image, str, dict[str, Any]] | str:
     """(RGB image, caption, meta), or the skip kind explaining why the sample is unusable."""
-    data = _first(sample, IMAGE_KEYS)
+    data = first_field(sample, IMAGE_KEYS)
     if data is None:
         return "missing_image"
     caption, ok = caption_text(sample)
     if not ok:
         return caption
-    image = _open_image(data)
+    image = open_image(data)
     if isinstance(image, str):
         return image
     return image, caption, _meta(sample.get("json"))
@@ -416,11 +438,11 @@ class _TorchRngStream:
 
 
 def _decode(
-    src: Iterator[dict], preprocess: Callable, counter: _SkipCounter, seed: str | None
+    src: Iterator[dict], preprocess: Callable, counter: SkipCounter, seed: str | None
 ) -> Iterator[dict[str, Any]]:
-    rng = None if seed is None else _TorchRngStream(_stream_seed(seed, _worker_id(), "transforms"))
+    rng = None if seed is None else _TorchRngStream(stream_seed_of(seed, _worker_id(), "transforms"))
     for sample in src:
-        parsed = _parse(sample)
+        parsed = parse_sample(sample)
         if isinstance(parsed, str):
             counter.bump(parsed)
             continue
@@ -430,17 +452,17 @@ def _decode(
         yield {**pixels, "caption": caption, "key": str(sample.get("__key__", "")), "meta": meta}
 
 
-def _decode_cached(src: Iterator[dict], cache: TeacherCache, counter: _SkipCounter, seed: str) -> Iterator[dict]:
+def _decode_cached(src: Iterator[dict], cache: Replayer, counter: SkipCounter, seed: str) -> Iterator[dict]:
     """Cached-teacher mode: the student sees the stored augmentation's pixels, which the teacher saw when caching."""
     for sample in src:
-        parsed = _parse(sample)
+        parsed = parse_sample(sample)
         if isinstance(parsed, str):
             counter.bump(parsed)
             continue
         yield cache.replay(str(sample.get("__url__", "")), str(sample.get("__key__", "")), *parsed, seed=seed)
 
 
-def _collate(samples: list[dict[str, Any]], tokenizer: Callable, counter: _SkipCounter) -> dict[str, Any]:
+def _collate(samples: list[dict[str, Any]], tokenizer: Callable, counter: SkipCounter) -> dict[str, Any]:
     """Runs where the samples were decoded, so draining the counter here attributes skips to this batch.
 
     Every tensor field of a sample (``image``, and each other model's pixels) is stacked; a tokenizer that returns a
@@ -457,8 +479,12 @@ def _collate(samples: list[dict[str, Any]], tokenizer: Callable, counter: _SkipC
     }
 
 
-def _flush_tail(batches: Iterator[dict[str, Any]], counter: _SkipCounter) -> Iterator[dict[str, Any]]:
-    """Hold each batch back by one so skips after the last batch (or in a dropped tail) are added to it."""
+def _flush_tail(
+    batches: Iterator[dict[str, Any]], counter: SkipCounter, skips_only: bool = False
+) -> Iterator[dict[str, Any]]:
+    """Hold each batch back by one so skips after the last batch (or in a dropped tail) are added to it. A reader
+    that made no batch at all yields ``{"skipped": ...}`` alone when ``skips_only`` (training counts it), so a
+    dataset where every sample is bad reports what was wrong rather than "skipped: none"."""
     counter.drain()  # forget tallies of an earlier, abandoned pass in this process
     last = None
     for batch in batches:
@@ -467,7 +493,9 @@ def _flush_tail(batches: Iterator[dict[str, Any]], counter: _SkipCounter) -> Ite
         last = batch
     leftover = counter.drain()
     if last is None:
-        if leftover:
+        if leftover and skips_only:
+            yield {"skipped": leftover}
+        elif leftover:
             log.warning("a data worker yielded no batch; its skips are lost: %s", SkipStats(leftover).summary())
         return
     for kind, n in leftover.items():
@@ -491,7 +519,7 @@ def _tar_source(data: str | Path, order: random.Random | None, rank: int, world_
 
 
 def _csv_source(data: str | Path, order: random.Random | None, rank: int, world_size: int) -> list[Any]:
-    rows = _read_csv(Path(data))
+    rows = read_csv_rows(Path(data))
     if order is not None:
         order.shuffle(rows)
     return [partial(iter, rows[rank::world_size]), wds.split_by_worker]
@@ -510,13 +538,14 @@ def make_loader(
     rank: int = 0,
     world_size: int = 1,
     shuffle_buffer: int = 1000,
-    teacher_cache: TeacherCache | None = None,
+    teacher_cache: Replayer | None = None,
     keep_list: str | Path | None = None,
 ) -> DataLoader:
     """One epoch of batches ``{"image", "text", "key", "meta", "skipped"}`` from shards or a CSV.
 
     ``train``: shard (or row) order from ``Random(seed * 1000 + epoch)``, a seeded sample shuffle buffer and
     seeded random transforms, ``drop_last``; the same (data, seed, epoch, num_workers) give identical batches.
+    A training reader that made no full batch yields ``{"skipped": ...}`` alone, so its skip counts are not lost.
     Otherwise file order (interleaved batch by batch across workers) and the last partial batch is kept.
     ``rank``/``world_size`` take every world_size-th shard (or row) for distributed runs without touching
     torch.distributed.
@@ -526,18 +555,18 @@ def make_loader(
     """
     if batch_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size (got {batch_size}, {rank}, {world_size})")
-    counter = _SkipCounter()
+    counter = SkipCounter()
     order = random.Random(seed * 1000 + epoch) if train else None
     stream_seed = f"{seed}:{epoch}:{rank}" if train else None
-    if _is_csv(data):
+    if is_csv_path(data):
         stages = _csv_source(data, order, rank, world_size)
         stages.append(partial(_csv_samples, base=Path(data).parent, counter=counter))
     else:
         stages = _tar_source(data, order, rank, world_size, num_workers)
-        stages.append(partial(_tar_samples, counter=counter))
+        stages.append(partial(tar_samples, counter=counter))
     if keep_list is not None:
         stages.append(partial(_keep_only, keep=read_keep_list(keep_list), counter=counter))
-    if not _is_csv(data) and stream_seed is not None and shuffle_buffer > 1:
+    if not is_csv_path(data) and stream_seed is not None and shuffle_buffer > 1:
         stages.append(partial(_seeded_shuffle, bufsize=shuffle_buffer, seed=stream_seed))
     decode = partial(_decode, preprocess=preprocess, counter=counter, seed=stream_seed)
     collate = partial(_collate, tokenizer=tokenizer, counter=counter)
@@ -547,10 +576,10 @@ def make_loader(
     stages += [
         decode,
         wds.batched(batch_size, collation_fn=collate, partial=not train),
-        partial(_flush_tail, counter=counter),
+        partial(_flush_tail, counter=counter, skips_only=train),
     ]
     # DataLoader draws its workers' base seed from this generator, not from (and advancing) the global torch RNG.
-    generator = torch.Generator().manual_seed(_stream_seed(seed, epoch, rank, "loader"))
+    generator = torch.Generator().manual_seed(stream_seed_of(seed, epoch, rank, "loader"))
     pipeline = wds.DataPipeline(*stages)
     return DataLoader(
         pipeline, batch_size=None, num_workers=num_workers, persistent_workers=False, generator=generator,

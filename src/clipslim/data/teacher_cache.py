@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import random
 import time
 from collections import OrderedDict
@@ -39,21 +40,21 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from ..config import build, to_dict
-from ..io import atomic_write_json, save_tensors
+from ..config import ConfigError, build, to_dict
+from ..io import WriteError, atomic_write_json, check_number, read_json, save_tensors, write_periodic
 from ..models import weights_fingerprint
 from ..outputs import embed_dim
 from .augment import AugmentConfig, Replay, pack, sample_params, unpack
 from .loader import (
     DataError,
+    SkipCounter,
     SkipStats,
-    _parse,
-    _SkipCounter,
-    _stream_seed,
-    _tar_samples,
     check_bad_fraction,
     num_samples,
+    parse_sample,
     resolve_shards,
+    stream_seed_of,
+    tar_samples,
 )
 
 log = logging.getLogger(__name__)
@@ -163,7 +164,7 @@ def _claim(out: Path, manifest: dict[str, Any]) -> None:
     """Write the manifest, or check that an existing one describes the same cache (resume)."""
     path = out / MANIFEST
     if path.is_file():
-        old = json.loads(path.read_text())
+        old = read_manifest(out)
         if old.get("cache_id") != manifest["cache_id"]:
             diff = [k for k in ("teacher", "dataset", "image", "augment", "dtype") if old.get(k) != manifest[k]]
             raise CacheError(
@@ -211,7 +212,7 @@ class _ShardWriter:
         k, name = self.opts.augmentations, Path(self.shard).name
         pixels, captions = [], []
         for key, image, caps in self.pending:
-            seeds = [_stream_seed(self.opts.seed, name, key, j) for j in range(k)]
+            seeds = [stream_seed_of(self.opts.seed, name, key, j) for j in range(k)]
             params = [sample_params(self.opts.augment, image.width, image.height, s) for s in seeds]
             pixels += [self.replay.apply(image, p) for p in params]
             captions += caps
@@ -252,9 +253,9 @@ def _cache_shard(teacher: Any, shard: str, path: Path, manifest: dict, opts: Cac
     replay = Replay(opts.augment, manifest["image"]["size"], manifest["image"]["mean"], manifest["image"]["std"])
     device = next(teacher.model.parameters()).device
     writer = _ShardWriter(teacher, shard, opts, replay, device)
-    counter = _SkipCounter()
-    for sample in _tar_samples([{"url": shard}], counter):
-        parsed = _parse(sample)
+    counter = SkipCounter()
+    for sample in tar_samples([{"url": shard}], counter):
+        parsed = parse_sample(sample)
         if isinstance(parsed, str):
             counter.bump(parsed)
             continue
@@ -307,10 +308,18 @@ def cache_teacher(
     total = None if None in counts else sum(c or 0 for c in counts)
     bar = tqdm(total=total, unit="img", desc=f"cache-teacher x{opts.augmentations}", disable=not progress)
     start, samples, size = time.perf_counter(), 0, 0
+    failed: list[str] = []
     with logging_redirect_tqdm():
         for shard in todo:
             tick = time.perf_counter()
-            n, nbytes, bad = _cache_shard(bundle, shard, sidecar_path(out, shard), manifest, opts, bar)
+            done = write_periodic(
+                lambda shard=shard: _cache_shard(bundle, shard, sidecar_path(out, shard), manifest, opts, bar),
+                f"sidecar of {shard}", "re-run to cache it",
+            )  # fmt: skip
+            if done is None:
+                failed.append(str(sidecar_path(out, shard)))
+                continue
+            n, nbytes, bad = done
             samples, size, took = samples + n, size + nbytes, time.perf_counter() - tick
             skipped = {k: skipped.get(k, 0) + bad.get(k, 0) for k in {*skipped, *bad}}
             if samples + sum(skipped.values()) >= 1000:  # fewer samples: the fraction is noise (checked at the end)
@@ -318,6 +327,11 @@ def cache_teacher(
             bar.set_postfix(views_s=f"{n * opts.augmentations / max(took, 1e-9):.0f}")
             log.info("%s: %d samples x %d views in %.1fs", Path(shard).name, n, opts.augmentations, took)
     bar.close()
+    if failed:
+        raise WriteError(
+            f"{len(failed)} of {len(todo)} sidecars not written (first: {failed[0]}); free space and re-run "
+            "`clipslim cache-teacher` with the same options to cache just those"
+        )
     if skipped:
         log.warning("%s", SkipStats(skipped).summary())
         check_bad_fraction(skipped, samples, max_bad_fraction, f"cache-teacher --data {data} (sidecars written)")
@@ -340,13 +354,65 @@ class _Table:
 
 
 def read_manifest(root: str | Path) -> dict[str, Any]:
+    """The cache's manifest, every field checked (see :func:`check_manifest`); errors name the file and key."""
     path = Path(root) / MANIFEST
     if not path.is_file():
         raise CacheError(f"{root}: no {MANIFEST} (not a teacher cache; write one with `clipslim cache-teacher`)")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = read_json(path)
+    except ConfigError as err:
+        raise CacheError(str(err)) from err
+    if not isinstance(manifest, dict):
+        raise CacheError(f"{path}: expected a JSON object")
     if manifest.get("version") != VERSION:
         raise CacheError(f"{path}: cache version {manifest.get('version')}, this clipslim reads {VERSION}")
+    check_manifest(manifest, path)
     return manifest
+
+
+MANIFEST_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "cache_id": str, "teacher.spec": str, "teacher.arch": str, "teacher.fingerprint": str,
+    "teacher.logit_scale": (int, float), "dataset.path": str, "dataset.shards": dict, "image.size": int,
+    "image.mean": list, "image.std": list, "augment.count": int, "augment.seed": int, "embed_dim": int, "dtype": str,
+}  # fmt: skip
+"""Every key a cache reader uses, with its type."""
+MAX_LOGIT_SCALE = 1000.0
+"""CLIP clamps its learned scale at 100; a cached scale far past that (or NaN) is a forged or broken manifest."""
+
+
+def _field(manifest: dict[str, Any], dotted: str, where: Path) -> Any:
+    node: Any = manifest
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise CacheError(f"{where}: {dotted}: required key missing")
+        node = node[part]
+    return node
+
+
+def check_manifest(manifest: dict[str, Any], where: Path) -> None:
+    """Types and ranges of every field, then integrity: ``cache_id`` hashes the rest, so a hand-edited manifest
+    (another teacher spec, a changed logit scale) no longer matches and is refused."""
+    for dotted, kind in MANIFEST_FIELDS.items():
+        value = _field(manifest, dotted, where)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise CacheError(f"{where}: {dotted}: expected {getattr(kind, '__name__', 'a number')}, got {value!r}")
+    try:
+        check_number(manifest["teacher"]["logit_scale"], "teacher.logit_scale", 0.0, MAX_LOGIT_SCALE)
+        bias = manifest["teacher"].get("logit_bias")
+        if bias is not None:
+            check_number(bias, "teacher.logit_bias", -math.inf, math.inf)
+        for key in ("mean", "std"):
+            for i, value in enumerate(manifest["image"][key]):
+                check_number(value, f"image.{key}[{i}]", -math.inf if key == "mean" else 0.0, math.inf)
+        build(AugmentConfig, _augment_fields(manifest), "augment")
+    except ConfigError as err:
+        raise CacheError(f"{where}: {err}") from err
+    if manifest["augment"]["count"] < 1 or manifest["embed_dim"] < 1 or manifest["dtype"] not in DTYPES:
+        raise CacheError(f"{where}: augment.count/embed_dim/dtype out of range")
+    if _digest({k: v for k, v in manifest.items() if k != "cache_id"}) != manifest["cache_id"]:
+        raise CacheError(
+            f"{where}: edited after caching (cache_id does not match its contents); re-run `clipslim cache-teacher`"
+        )
 
 
 def _load_sidecar(path: Path, manifest: dict[str, Any]) -> _Table:
@@ -361,7 +427,14 @@ def _load_sidecar(path: Path, manifest: dict[str, Any]) -> _Table:
         raise CacheError(f"{path}: truncated or corrupt sidecar ({str(err).splitlines()[0]})") from err
     if meta.get("cache_id") != manifest["cache_id"]:
         raise CacheError(f"{path}: sidecar belongs to another cache (cache_id {meta.get('cache_id')})")
-    keys = json.loads(meta.get("keys", "[]"))
+    try:
+        keys = json.loads(meta.get("keys", "[]"))
+    except ValueError as err:
+        raise CacheError(f"{path}: metadata 'keys' is not JSON ({err})") from err
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise CacheError(f"{path}: metadata 'keys' must be a list of sample keys")
+    if not {"image", "text", "n_text"} <= tensors.keys():
+        raise CacheError(f"{path}: missing tensors (needs image, text, n_text)")
     k, d = manifest["augment"]["count"], manifest["embed_dim"]
     if tensors["image"].shape != (len(keys), k, d) or tensors["text"].shape[::2] != (len(keys), d):
         raise CacheError(f"{path}: embedding shapes {tuple(tensors['image'].shape)} do not match the manifest")

@@ -29,8 +29,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clipslim.config import ConfigError
 from clipslim.eval.stats import mean_interval
-from clipslim.io import atomic_write_json, atomic_write_text
+from clipslim.io import atomic_write_json, atomic_write_text, read_mapping
 
 log = logging.getLogger(__name__)
 METRICS = ("acc1", "heldout_acc1", "ood_acc1")
@@ -110,13 +111,17 @@ def _from_bench_json(doc: dict[str, Any], source: str) -> list[Row]:
 
 
 def _from_run_dir(run: Path) -> list[Row]:
-    import yaml
 
     results_path = run / "results.json"
     if not results_path.is_file():
         raise ReportError(f"{run}: not a run directory (no results.json)")
     results = _load_json(results_path)
-    recipe = yaml.safe_load((run / "recipe.yaml").read_text()) if (run / "recipe.yaml").is_file() else {}
+    if not isinstance(results, dict):
+        raise ReportError(f"{results_path}: expected a JSON object, got {type(results).__name__}")
+    try:
+        recipe = read_mapping(run / "recipe.yaml") if (run / "recipe.yaml").is_file() else {}
+    except ConfigError as err:
+        raise ReportError(str(err)) from err
     dataset = Path(str((recipe.get("data") or {}).get("eval", "?"))).name
     student = Row(run.name, str(run / "student"), "student", results.get("params"), sources=[str(run)])
     student.params_non_embedding = results.get("params_non_embedding")
@@ -138,8 +143,18 @@ def _load_json(path: Path) -> Any:
 
 
 def read_input(path: str | Path) -> list[Row]:
-    """Rows from one run directory, result JSON or bench JSON."""
+    """Rows from one run directory, result JSON or bench JSON; contents of the wrong shape (a list where a mapping
+    belongs, a missing key) are a one-line ReportError naming the file, never a traceback."""
     path = Path(path)
+    try:
+        return _read_input(path)
+    except ReportError:
+        raise
+    except (KeyError, TypeError, AttributeError, ValueError) as err:
+        raise ReportError(f"{path}: unexpected contents ({type(err).__name__}: {err})") from err
+
+
+def _read_input(path: Path) -> list[Row]:
     if path.is_dir():
         return _from_run_dir(path)
     if not path.is_file():

@@ -13,9 +13,8 @@ reproduce the greedy golden ranking of :mod:`clipslim.tokens.golden`), ``random`
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,8 @@ import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
-from ..io import atomic_write_json, load_tensors, save_tensors
+from ..config import ConfigError
+from ..io import atomic_write_json, load_tensors, read_mapping, save_tensors
 
 CONFIG_FILE = "token_pruning.json"
 WEIGHTS_FILE = "token_pruning.safetensors"
@@ -134,7 +134,7 @@ class TokenPruner(nn.Module):
         return x
 
 
-def _visual(model: nn.Module) -> VisionTransformer:
+def vision_tower(model: nn.Module) -> VisionTransformer:
     visual = getattr(model, "visual", model)
     if not isinstance(visual, VisionTransformer):
         raise ValueError(f"token pruning needs an open_clip VisionTransformer, got {type(visual).__name__}")
@@ -145,7 +145,7 @@ def _visual(model: nn.Module) -> VisionTransformer:
 
 def apply_token_pruning(model: nn.Module, cfg: PruneConfig, pruner: TokenPruner | None = None) -> TokenPruner:
     """Install pruning on ``model``'s image tower (replacing any earlier one); returns the pruner."""
-    visual = _visual(model)
+    visual = vision_tower(model)
     blocks = visual.transformer.resblocks
     if cfg.after_block >= len(blocks) - 1:
         raise ValueError(f"after_block: must be < {len(blocks) - 1} (the tower has {len(blocks)} blocks)")
@@ -189,10 +189,32 @@ def load_token_pruning(model: nn.Module, folder: str | Path) -> TokenPruner | No
     folder = Path(folder)
     if not (folder / CONFIG_FILE).is_file():
         return None
-    cfg = PruneConfig(**json.loads((folder / CONFIG_FILE).read_text())["config"])
-    pruner = apply_token_pruning(model, cfg)
-    if (folder / WEIGHTS_FILE).is_file():
-        pruner.load_state_dict(load_tensors(folder / WEIGHTS_FILE))
-    elif any(True for _ in pruner.parameters()):
+    path = folder / CONFIG_FILE
+    cfg = read_prune_config(path)
+    weights = folder / WEIGHTS_FILE
+    try:
+        pruner = apply_token_pruning(model, cfg)
+        if weights.is_file():
+            pruner.load_state_dict(load_tensors(weights))
+    except (RuntimeError, ValueError) as err:
+        raise ConfigError(f"{path}: does not fit this model ({str(err).splitlines()[0]})") from err
+    if not weights.is_file() and any(True for _ in pruner.parameters()):
         raise FileNotFoundError(f"{folder / WEIGHTS_FILE}: missing (the pruning config needs trained weights)")
     return pruner
+
+
+def read_prune_config(path: Path) -> PruneConfig:
+    """``token_pruning.json``'s ``config``, every key checked; errors are one line naming the file and key."""
+    raw = read_mapping(path).get("config")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: config: required mapping missing")
+    known = [f.name for f in fields(PruneConfig)]
+    unknown = [k for k in raw if k not in known]
+    if unknown:
+        raise ConfigError(f"{path}: config.{unknown[0]}: unknown key (known: {', '.join(known)})")
+    try:
+        cfg = PruneConfig(**raw)
+        cfg.validate()
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{path}: config.{err}") from err
+    return cfg

@@ -7,6 +7,7 @@ import io
 from pathlib import Path
 from typing import Any
 
+from ..config import ConfigError
 from ..io import atomic_write_text
 
 
@@ -15,12 +16,23 @@ class CsvLog:
         self.path = Path(path)
         self.rows: list[dict[str, Any]] = []
         if self.path.is_file():
-            with open(self.path, newline="", encoding="utf-8") as f:
-                self.rows = list(csv.DictReader(f))
+            try:
+                with open(self.path, newline="", encoding="utf-8") as f:
+                    self.rows = list(csv.DictReader(f))
+            except (OSError, UnicodeDecodeError, csv.Error) as err:
+                raise ConfigError(f"{self.path}: unreadable log ({err}); move it away to start a new one") from err
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop rows logged after the checkpoint so the log matches the restored state."""
-        self.rows = [r for r in self.rows if int(float(r["step"])) <= step]
+        self.rows = [r for i, r in enumerate(self.rows, 2) if self._step(r, i) <= step]
+
+    def _step(self, row: dict[str, Any], line: int) -> int:
+        try:
+            return int(float(row["step"]))
+        except (KeyError, TypeError, ValueError) as err:
+            raise ConfigError(
+                f"{self.path}: line {line}: no numeric step ({row.get('step')!r}); move it away to start a new log"
+            ) from err
 
     def append(self, row: dict[str, Any]) -> None:
         self.rows.append(row)

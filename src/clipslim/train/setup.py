@@ -115,9 +115,10 @@ def _inherit(recipe: Recipe, source: ClipBundle, student: ClipBundle) -> dict:
         check_compatible(source.model, student.model)
     except ValueError as err:
         raise ConfigError(f"student.init: cannot inherit from {name}: {err}") from err
-    if recipe.student.init == "inherit":
+    start = recipe.student.start
+    if start.kind == "inherit":
         return inherit_manual(source.model, student.model)
-    method = recipe.student.init.removeprefix("importance:")
+    method = start.method
     batches = None
     if method != "magnitude":
         bs = min(recipe.train.batch_size, 64)
@@ -147,7 +148,7 @@ def build(recipe: Recipe, device: torch.device) -> Built:
         log.info("teacher is not used by any objective; it will not run during training")
     hooks: list[StepHook] = [obj for obj in distiller.objectives.values() if isinstance(obj, StepHook)]
     if recipe.tokens is not None:
-        from ..tokens import token_hook
+        from ..tokens.compression import token_hook
 
         hooks.append(token_hook(recipe.tokens, student.model))
     views = [model_view(student, "student", "image", "text")]
@@ -167,6 +168,8 @@ def _open_cache(recipe: Recipe, student: ClipBundle, teacher: ClipBundle | None)
         recipe.data.teacher_cache, recipe.data.train, image_size=size, mean=pre["mean"], std=pre["std"],
         teacher=recipe.teacher,
     )  # fmt: skip
+    if teacher is None and recipe.teacher:  # named but not needed to inherit: loaded once, only for this check
+        teacher = load_model(recipe.teacher)
     if teacher is not None:
         check_teacher_weights(cache, teacher.model)
     return cache
