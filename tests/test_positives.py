@@ -89,6 +89,8 @@ def test_mining_recall_and_precision_against_class_labels():
     wrong = mining_metrics("clip", mined, torch.tensor([7, 8, 8, 7, 9, 9]), None)
     assert wrong["clip_mine_precision_1_image"].item() == pytest.approx(4 / 9)  # right: (1,2) (2,1) (4,5) (5,4)
     assert "clip_mine_recall_all" not in mining_metrics("clip", mined, torch.full((6,), -1), None)
+    only_two = mining_metrics("clip", mined, torch.tensor([-1, -1, -1, -1, 9, 9]), None)
+    assert only_two["clip_mine_recall_1_image"].item() == 1.0 and "clip_mine_precision_2_text" not in only_two
 
 
 def test_config_errors_name_the_field():

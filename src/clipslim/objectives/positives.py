@@ -137,7 +137,8 @@ def class_labels(batch: dict[str, Any], device: torch.device) -> torch.Tensor | 
 
 
 def mining_metrics(prefix: str, mined: Mined, labels: torch.Tensor | None, rows: slice | None) -> dict:
-    """Mean extra positives per query; per stage, recall and precision against class labels when there are any."""
+    """Mean extra positives per query; per stage, recall and precision against class labels when there are any
+    (a pair counts when both samples are labelled; single batches are noisy, so average the logged rows)."""
     extra = mined.positives.sum(1).float() - 1
     out = {f"{prefix}_positives": extra.mean()}
     if labels is None:
@@ -151,9 +152,10 @@ def mining_metrics(prefix: str, mined: Mined, labels: torch.Tensor | None, rows:
     final = mined.positives.clone()
     final[torch.arange(len(query), device=labels.device), query] = False
     for name, found in {**mined.stages, "all": final}.items():
-        hits = (found & truth).sum().float()
+        hits, judged = (found & truth).sum().float(), (found & labelled).sum()
         out[f"{prefix}_mine_recall_{name}"] = hits / truth.sum()
-        out[f"{prefix}_mine_precision_{name}"] = hits / (found & labelled).sum().clamp(min=1)
+        if judged:  # precision of an empty set is undefined: left out of this step's row
+            out[f"{prefix}_mine_precision_{name}"] = hits / judged
     return out
 
 
