@@ -29,12 +29,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from clipslim.inherit.stages import run_stages
 from clipslim.io import atomic_write_json, atomic_write_text
 from clipslim.models import count_params, load_model
 from clipslim.recipe import recipe_from_dict, recipe_to_yaml
 from clipslim.train import train
 from clipslim.train.checkpoint import latest_checkpoint
+from clipslim.workflows.stages import run_stages
 
 log = logging.getLogger("inheritance_compare")
 METHODS = ("random", "manual", "importance", "auto", "multistage")

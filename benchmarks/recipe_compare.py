@@ -14,10 +14,9 @@ import json
 import statistics
 from pathlib import Path
 
-from clipslim.cli import resolve_recipe
 from clipslim.data.shapes import write_shapes
 from clipslim.io import atomic_write_json, atomic_write_text
-from clipslim.recipe import load_recipe, recipe_to_yaml
+from clipslim.recipe import load_recipe, recipe_to_yaml, resolve_recipe
 from clipslim.train import train
 from clipslim.train.checkpoint import latest_checkpoint
 

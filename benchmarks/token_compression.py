@@ -28,13 +28,12 @@ import torch
 import torch.nn.functional as F
 from open_clip.model import CLIP
 
-from clipslim.cli import resolve_recipe
 from clipslim.config import to_dict
 from clipslim.io import atomic_write_json
-from clipslim.recipe import load_recipe
+from clipslim.recipe import load_recipe, resolve_recipe
 from clipslim.tokens import TokenCompression
-from clipslim.tokens.search import candidates, search_schedule, step_costs, steps_for
 from clipslim.train import train
+from clipslim.workflows.token_search import candidates, search_schedule, step_costs, steps_for
 
 SETTINGS = [(0.0, 1), (0.25, 1), (0.5, 1), (0.75, 1), (0.0, 2)]
 

@@ -25,6 +25,7 @@ from clipslim.io import atomic_write_json
 from clipslim.models import load_model
 from clipslim.plots import pyplot, save_figure
 from clipslim.tokens.calibrate import cache_tokens, calibration_images, fit_extra_tokens, fit_pruner
+from clipslim.tokens.options import FitOptions
 from clipslim.tokens.prune import PruneConfig, TokenPruner, apply_token_pruning, remove_token_pruning
 
 KEEPS = (1.0, 0.8, 0.6, 0.4)
@@ -82,7 +83,9 @@ def demo(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]
         predictor = None
         if ranking == "predictor":  # one predictor per block: the ranking does not depend on the keep ratio
             cfg = PruneConfig(args.after_block, 0.6, ranking, 0)
-            fitted, fits["predictor"] = fit_pruner(model, cfg, images, golden_images=args.golden, progress=False)
+            fitted, fits["predictor"] = fit_pruner(
+                model, cfg, images, FitOptions(golden_images=args.golden, token_steps=300), progress=False
+            )
             predictor = fitted.predictor
         for extra in (0, args.extra):
             for keep in KEEPS[1:]:

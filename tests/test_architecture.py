@@ -16,7 +16,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("train",),
     ("inherit", "tokens", "proto", "objectives", "slimmable", "prompt", "distiller", "recipe"),
     ("eval", "data", "deploy", "distributed"),
-    ("outputs", "models", "io", "config", "export", "plots", "hooks"),
+    ("outputs", "registry", "models", "io", "config", "export", "plots", "hooks"),
 ]
 
 
@@ -133,3 +133,52 @@ def test_imports_point_down_the_layers():
 def test_every_room_is_placed(rooms):
     present = {room(m) for m in import_graph()} - {"__init__"}
     assert present <= {r for layer in LAYERS for r in layer}, present - {r for layer in LAYERS for r in layer}
+
+
+def _loaded_after(code: str) -> set[str]:
+    import subprocess
+    import sys
+
+    probe = f"{code}\nimport sys; print(' '.join(sorted(m.split('.')[0] for m in sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    return set(out.split())
+
+
+def test_core_imports_load_no_optional_library():
+    """faiss, sentence-transformers, onnx/onnxruntime and matplotlib are extras, imported where used. (transformers is
+    an extra too, but open_clip 3.3.0 imports it itself whenever it is installed, as in this venv.)"""
+    loaded = _loaded_after("import clipslim, clipslim.objectives, clipslim.distiller, clipslim.recipe")
+    heavy = {"faiss", "sentence_transformers", "onnx", "onnxruntime", "onnxscript", "matplotlib"}
+    assert loaded & heavy == set()
+    assert "torch" in loaded and "open_clip" in loaded
+
+
+def test_cli_help_loads_no_torch():
+    loaded = _loaded_after(
+        "import contextlib, io\nfrom clipslim.cli import _parser\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "    _parser().parse_args(['--help'])"
+    )
+    assert "torch" not in loaded and "open_clip" not in loaded
+
+
+def test_objective_table_names_every_registered_objective():
+    """The name -> module table (known before import) and the @register decorators (the definitions) agree."""
+    import importlib
+    import re
+
+    from clipslim.registry import OBJECTIVE_MODULES, OBJECTIVES
+
+    defined = {}
+    for path in SRC.rglob("*.py"):
+        text = path.read_text()
+        for name in re.findall(
+            r'@register\s*\nclass \w+\([^)]*\):\s*\n(?:\s*""".*?"""\s*\n)?\s*name(?:: ClassVar\[str\])? = "(\w+)"',
+            text,
+            re.S,
+        ):
+            defined[name] = _module_name(path)
+    assert defined == OBJECTIVE_MODULES
+    for module in OBJECTIVE_MODULES.values():
+        importlib.import_module(module)
+    assert set(OBJECTIVE_MODULES) <= set(OBJECTIVES)

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from clipslim.cli import main
-from clipslim.demo import run_demo
+from clipslim.workflows.demo import run_demo
 
 
 @pytest.mark.slow
@@ -23,14 +23,17 @@ def test_shrunk_demo(tmp_path, capsys):
     assert (out / "demo.png").stat().st_size > 10_000
     assert "| teacher (tiny-teacher) |" in (out / "demo.md").read_text()
     assert json.loads((out / "demo.json").read_text()) == rows
-    assert (out / "demo-distill" / "inherit.json").is_file() and not (out / "demo-scratch" / "inherit.json").exists()
+    # another teacher / student names the runs (so a shrunk demo is not filed under the recipes' own names)
+    distill = out / "demo-distill_teacher-tiny-teacher_student.arch-tiny-student"
+    scratch = out / "demo-scratch_student.arch-tiny-student"
+    assert (distill / "inherit.json").is_file() and not (scratch / "inherit.json").exists()
     printed = capsys.readouterr().out
     assert "of the teacher's held-out zero-shot top-1" in printed
 
     # A second run reuses both finished runs instead of training again.
-    mtime = (out / "demo-distill" / "results.json").stat().st_mtime
+    mtime = (distill / "results.json").stat().st_mtime
     run_demo(out, steps=4, data_dir=tmp_path / "shapes", teacher="tiny-teacher", overrides=shrink, data_args=data_args)
-    assert (out / "demo-distill" / "results.json").stat().st_mtime == mtime
+    assert (distill / "results.json").stat().st_mtime == mtime
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

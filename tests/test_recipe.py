@@ -4,9 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from clipslim.cli import RECIPES_DIR
 from clipslim.config import ConfigError
-from clipslim.recipe import load_recipe, parse_overrides, recipe_from_dict
+from clipslim.recipe import RECIPES_DIR, load_recipe, parse_overrides, recipe_from_dict
 
 BASE = {
     "teacher": "tiny-teacher",

@@ -15,10 +15,10 @@ import yaml
 from clipslim.cli import main
 from clipslim.config import ConfigError
 from clipslim.export import export_open_clip
-from clipslim.inherit.stages import run_stages
 from clipslim.io import load_tensors
 from clipslim.models import count_params, load_model
 from clipslim.recipe import recipe_from_dict
+from clipslim.workflows.stages import run_stages
 
 
 @pytest.fixture(scope="module")

@@ -139,3 +139,15 @@ def test_missing_teacher_path_is_named(tiny_shapes, tmp_path):
 
     with pytest.raises(ModelSpecError, match="model path not found: /nowhere/teacher"):
         load_model("/nowhere/teacher")
+
+
+def test_eval_json_records_preprocessing_templates_and_classes(tiny_shapes, teacher_dir, tmp_path):
+    from clipslim.cli import main
+
+    argv = ["eval", "--model", str(teacher_dir), "--data", str(tiny_shapes), "--out", str(tmp_path / "ev")]
+    assert main([*argv, "--task", "zeroshot_classification"]) == 0
+    (path,) = (tmp_path / "ev").glob("*zeroshot_classification*.json")
+    doc = json.loads(path.read_text())
+    assert doc["preprocess"]["mean"] == MEAN and doc["preprocess"]["image_size"] in (32, [32, 32])
+    assert doc["metrics"]["n_classes"] == 64
+    assert doc["metrics"]["templates"] == (tiny_shapes / "templates.txt").read_text().splitlines()

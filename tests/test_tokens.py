@@ -22,7 +22,7 @@ from clipslim.tokens.prune import (
     pruner_of,
     remove_token_pruning,
 )
-from clipslim.tokens.search import search_schedule, steps_for
+from clipslim.workflows.token_search import search_schedule, steps_for
 
 SCHEDULE = [
     {"until": 0.5, "patch_dropout": 0.75, "patch_scale": 2},

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .inherit.manual import InheritError, _text_tower
+from .inherit.manual import InheritError, text_tower
 from .io import load_tensors, save_tensors
 
 __all__ = [
@@ -80,7 +80,7 @@ class PromptLearner(nn.Module):
         if not classnames:
             raise ValueError("prompt: need at least one class name")
         try:
-            embedding = _text_tower(model).module.token_embedding
+            embedding = text_tower(model).module.token_embedding
         except (InheritError, AttributeError) as err:
             raise ValueError(f"prompt: the model's text tower is not a native open_clip one ({err})") from err
         object.__setattr__(self, "_embedding", embedding)  # references, not submodules: the state is the context
@@ -227,10 +227,6 @@ def load_prompts(path: str | Path, model: nn.Module, tokenizer: Any) -> PromptLe
     return learner
 
 
-def config_dict(cfg: TuneConfig) -> dict[str, Any]:
-    return asdict(cfg)
-
-
 # ---------------------------------------------------------------- labelled data as cached features
 
 
@@ -315,12 +311,12 @@ def labelled_features(
     subfolders, or the folder itself) or a ``filepath,label`` CSV (``split`` ignored)."""
     from torch.utils.data import DataLoader, Subset
 
-    from .eval.datasets import ImageFolderSet, _is_shapes, encode_images, image_folder_splits
+    from .eval.datasets import ImageFolderSet, encode_images, image_folder_splits, is_shapes_folder
 
     path = Path(data)
     bundle.model.to(device)
     opts = {"batch_size": batch_size, "device": device, "progress": progress}
-    if _is_shapes(path):
+    if is_shapes_folder(path):
         return _shapes_split(bundle, path, split, max_images, opts)
     if path.suffix.lower() == ".csv":
         ds: Any = LabelledCSV(path, bundle.preprocess_val)

@@ -25,7 +25,7 @@ import yaml
 from .config import ConfigError, build, to_dict
 from .inherit.importance import InitSpec, parse_init
 from .inherit.l0 import L0Section
-from .io import read_yaml, yaml_reason
+from .io import kind_of, read_yaml, yaml_reason
 from .registry import ObjectiveConfig, get_objective, parse_config
 from .tokens.schedule import TokenSection
 
@@ -71,16 +71,12 @@ class StudentSection:
             raise ConfigError(f"{where}.calib_batches: must be >= 1, got {self.calib_batches}")
         if self.init == "continue":
             raise ConfigError(f"{where}.init: 'continue' is for a stage; a student starts random, inherit, ...")
-        self.start = parse_init(self.init, f"{where}.init")
+        parse_init(self.init, f"{where}.init")
 
     @property
     def start(self) -> InitSpec:
-        """``init`` parsed (set by :meth:`validate`, which every loaded recipe has passed)."""
-        return self._start if hasattr(self, "_start") else parse_init(self.init, "student.init")
-
-    @start.setter
-    def start(self, value: InitSpec) -> None:
-        self._start = value
+        """``init`` parsed (by the one parser, :func:`clipslim.inherit.importance.parse_init`)."""
+        return parse_init(self.init, "student.init")
 
     @property
     def inherits(self) -> bool:
@@ -328,7 +324,7 @@ def recipe_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -
     :func:`run_name`) unless they set ``name`` themselves."""
     overrides = list(overrides or [])
     if not isinstance(data, dict):
-        raise ConfigError(f"recipe: expected a mapping (name:, student:, ...), not a {type(data).__name__}")
+        raise ConfigError(f"recipe: expected a mapping (name:, student:, ...), got {kind_of(data)}")
     merged = _merge(data, parse_overrides(overrides))
     if overrides:
         merged["overrides"] = [*merged.get("overrides", []), *overrides]
@@ -346,7 +342,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a recipe is a mapping (name:, student:, ...), not a {type(data).__name__}")
+        raise ConfigError(f"{path}: a recipe is a mapping (name:, student:, ...), got {kind_of(data)}")
     try:
         return recipe_from_dict(data, overrides)
     except ConfigError as err:

@@ -28,16 +28,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .inherit.l0 import _mlp_ratio, build_clip
+from .inherit.l0 import build_clip, mlp_ratio_of
 from .inherit.manual import (
-    _BLOCK_AXES,
-    _BLOCK_RE,
-    _TEXT_AXES,
-    _VISUAL_AXES,
+    BLOCK_AXES,
+    BLOCK_RE,
+    TEXT_AXES,
+    VISUAL_AXES,
     InheritError,
+    Tower,
     TowerSelection,
-    _axis_index,
-    _Tower,
+    axis_index,
     inherit_selected,
     tower_geometry,
     tower_pairs,
@@ -75,7 +75,7 @@ def _keep(n: int, total: int, layout: str) -> list[int]:
     return list(range(n)) if layout == "leading" else list(range(total - n, total))
 
 
-def tower_width(tower: _Tower, ratio: float, layout: str) -> TowerWidth:
+def tower_width(tower: Tower, ratio: float, layout: str) -> TowerWidth:
     g = tower_geometry(tower)
     heads = _count(ratio, g.heads, f"{tower.kind}.heads")
     mlp = _count(ratio, g.mlp_width, f"{tower.kind}.mlp_width")
@@ -83,7 +83,7 @@ def tower_width(tower: _Tower, ratio: float, layout: str) -> TowerWidth:
     return TowerWidth(_keep(heads, g.heads, layout), _keep(width, g.width, layout), _keep(mlp, g.mlp_width, layout))
 
 
-def _selection(tower: _Tower, tw: TowerWidth) -> TowerSelection:
+def _selection(tower: Tower, tw: TowerWidth) -> TowerSelection:
     g = tower_geometry(tower)
     return TowerSelection(
         layers=list(range(g.layers)),
@@ -94,13 +94,13 @@ def _selection(tower: _Tower, tw: TowerWidth) -> TowerSelection:
     )
 
 
-def _axes(tower: _Tower, local: str) -> tuple[tuple[str | None, ...], int | None] | None:
+def _axes(tower: Tower, local: str) -> tuple[tuple[str | None, ...], int | None] | None:
     """Slicing axes of a tower parameter (by its name inside the tower) and its block index; None: no rule."""
-    block = _BLOCK_RE.fullmatch(local)
+    block = BLOCK_RE.fullmatch(local)
     if block is not None:
         rest = block.group(2)
-        return (_BLOCK_AXES[rest], int(block.group(1))) if rest in _BLOCK_AXES else None
-    rules = _VISUAL_AXES if tower.kind == "visual" else _TEXT_AXES
+        return (BLOCK_AXES[rest], int(block.group(1))) if rest in BLOCK_AXES else None
+    rules = VISUAL_AXES if tower.kind == "visual" else TEXT_AXES
     return (rules[local], None) if local in rules else None
 
 
@@ -110,13 +110,13 @@ def _slice(t: torch.Tensor, axes: tuple[str | None, ...], sel: TowerSelection, b
     for dim, axis in enumerate(axes):
         if axis is None:
             continue
-        index = _axis_index(axis, sel, block, t.shape[dim], t.shape[dim], hd)
+        index = axis_index(axis, sel, block, t.shape[dim], t.shape[dim], hd)
         if len(index) != t.shape[dim]:
             out = out.index_select(dim, torch.as_tensor(index, dtype=torch.long, device=t.device))
     return out
 
 
-def _tower_names(model: nn.Module, tower: _Tower) -> list[str]:
+def _tower_names(model: nn.Module, tower: Tower) -> list[str]:
     """Names (in the full model) of the parameters that belong to ``tower``."""
     names = []
     for name, _ in model.named_parameters():
@@ -153,7 +153,7 @@ def sub_config(model_cfg: dict[str, Any], model: nn.Module, ratio: float, towers
         tw = tower_width(tower, ratio, "leading")
         section = cfg["vision_cfg" if tower.kind == "visual" else "text_cfg"]
         width, heads, mlp = len(tw.width), len(tw.heads), len(tw.mlp)
-        section.update(width=width, mlp_ratio=_mlp_ratio(width, mlp))
+        section.update(width=width, mlp_ratio=mlp_ratio_of(width, mlp))
         if tower.kind == "visual":
             section["head_width"] = tower_geometry(tower).head_dim
         else:

@@ -9,8 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -47,6 +45,8 @@ def cmd_cache_teacher(args: argparse.Namespace) -> None:
     env = env_from_torchrun()
     device = args.device
     if device == "auto":
+        import torch
+
         device = f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu"
     b, c, s = args.jitter
     augment = AugmentConfig(scale=tuple(args.scale), flip=args.flip, brightness=b, contrast=c, saturation=s)

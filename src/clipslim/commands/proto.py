@@ -29,10 +29,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def run_proto_cache(args: argparse.Namespace) -> None:
-    from ..cli import resolve_recipe
     from ..config import ConfigError
     from ..proto.external import build_cache, clip_text_encoder, minilm_encoder
-    from ..recipe import load_recipe
+    from ..recipe import load_recipe, resolve_recipe
 
     recipe = load_recipe(resolve_recipe(args.recipe), args.set)
     spec = next((s for s in recipe.objective_specs() if s.name == "proto"), None)

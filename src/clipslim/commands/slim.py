@@ -8,8 +8,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
-
 log = logging.getLogger(__name__)
 
 
@@ -61,6 +59,7 @@ def run_slice(args: argparse.Namespace) -> None:
     from ..export import export_open_clip
     from ..models import count_params, load_model
     from ..slimmable import SlimmableCLIP
+    from ..workflows.slice import slice_gap
 
     opts = _slim_options(args)
     bundle = load_model(args.model)
@@ -69,22 +68,10 @@ def run_slice(args: argparse.Namespace) -> None:
     if not any(abs(args.width - w) < 1e-9 for w in opts["widths"]) and args.width != 1.0:
         log.warning("width %s was not among the trained widths %s", args.width, opts["widths"])
     small, cfg = slim.extract(args.width, bundle.model_cfg)
-    gap = _check(slim, small, args.width, bundle)
+    gap = slice_gap(slim, small, args.width, bundle)
     extra = {"slimmable": {"source": args.model, "width": args.width, "layout": slim.layout(args.width), **opts}}
     extra["slimmable"]["max_abs_diff"] = gap
     out = export_open_clip(small, cfg, args.out, preprocess_cfg=bundle.preprocess_cfg, extra=extra)
     n = count_params(small)
     print(json.dumps({"out": str(out), "width": args.width, "layout": slim.layout(args.width), **n.as_dict(),
                       "max_abs_diff": gap}))  # fmt: skip
-
-
-@torch.no_grad()
-def _check(slim: Any, small: torch.nn.Module, width: float, bundle: Any) -> float:
-    """Largest embedding difference between the slimmable model at ``width`` and the extracted one (random input)."""
-    size = bundle.model_cfg.get("vision_cfg", {}).get("image_size", 224)
-    size = size if isinstance(size, int) else size[0]
-    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-    texts = bundle.tokenizer(["a photo", "a red circle"])
-    a = torch.cat([slim.encode_image(images, width), slim.encode_text(texts, width)])
-    b = torch.cat([small.encode_image(images, normalize=True), small.encode_text(texts, normalize=True)])
-    return float((a - b).abs().max())

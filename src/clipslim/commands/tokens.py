@@ -7,24 +7,23 @@ import argparse
 import json
 from pathlib import Path
 
+from ..tokens.options import FitOptions
+
 
 def cmd_prune_tokens(args: argparse.Namespace) -> None:
     from ..tokens.prune import PruneConfig
-    from ..tokens.prune_folder import prune_tokens
+    from ..workflows.prune_tokens import prune_tokens
 
     cfg = PruneConfig(args.after_block, args.keep, args.ranking, args.extra_tokens)
-    report = prune_tokens(
-        args.model, args.data, args.out, cfg, calib_images=args.calib_images, golden_images=args.golden_images,
-        predictor_steps=args.predictor_steps, token_steps=args.token_steps, progress=not args.quiet,
-    )  # fmt: skip
+    opts = FitOptions(args.calib_images, args.golden_images, args.predictor_steps, args.token_steps)
+    report = prune_tokens(args.model, args.data, args.out, cfg, opts, progress=not args.quiet)
     print(json.dumps({k: report[k] for k in ("before", "after", "speed")}, indent=2))
     print(f"pruned model: {args.out} (loads pruned with clipslim; prune_tokens.json has the numbers)")
 
 
 def cmd_token_schedule(args: argparse.Namespace) -> None:
-    from ..cli import resolve_recipe
-    from ..recipe import load_recipe
-    from ..tokens.search import search_schedule
+    from ..recipe import load_recipe, resolve_recipe
+    from ..workflows.token_search import search_schedule
 
     recipe = load_recipe(resolve_recipe(args.recipe), args.set)
     result = search_schedule(recipe, args.out, budget=args.budget, trial_fraction=args.trial_fraction,
@@ -42,10 +41,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--after-block", type=int, default=1, help="prune the output of this image block (0-based)")
     p.add_argument("--ranking", default="predictor", choices=["predictor", "attention", "random"])
     p.add_argument("--extra-tokens", type=int, default=0, help="learnable tokens appended after pruning")
-    p.add_argument("--calib-images", type=int, default=1024, help="calibration images (from DATA/train)")
-    p.add_argument("--golden-images", type=int, default=256, help="images ranked by greedy search for the predictor")
-    p.add_argument("--predictor-steps", type=int, default=300)
-    p.add_argument("--token-steps", type=int, default=200, help="distillation steps of the learnable tokens")
+    fit = FitOptions()
+    p.add_argument("--calib-images", type=int, default=fit.calib_images, help="calibration images (from DATA/train)")
+    p.add_argument("--golden-images", type=int, default=fit.golden_images, help="images ranked by greedy search")
+    p.add_argument("--predictor-steps", type=int, default=fit.predictor_steps, help="ranking predictor steps")
+    p.add_argument("--token-steps", type=int, default=fit.token_steps, help="distillation steps of learnable tokens")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_prune_tokens)
 

@@ -55,7 +55,7 @@ class HfConversionError(ValueError):
 # ---------------------------------------------------------------- open_clip -> HF: what the towers are
 
 
-def _text_tower(model: nn.Module) -> Any:
+def text_tower(model: nn.Module) -> Any:
     """The text tower as an object with TextTransformer's attribute names (CLIP keeps them on the model itself)."""
     if hasattr(model, "text"):
         if not isinstance(model.text, TextTransformer):
@@ -152,7 +152,7 @@ def _text_pooling(text: Any) -> int:
 
 def text_config(model: nn.Module) -> dict[str, Any]:
     """CLIPTextConfig fields of an open_clip text tower, or HfConversionError naming what does not map."""
-    text = _text_tower(model)
+    text = text_tower(model)
     if text.cls_emb is not None:
         raise HfConversionError("text tower appends a class token (text_cfg.embed_cls, CoCa-style)")
     n_pos, width = text.positional_embedding.shape
@@ -228,7 +228,7 @@ def _ln(prefix: str, ln: nn.LayerNorm) -> dict[str, torch.Tensor]:
 
 def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """CLIPModel weights from an open_clip CLIP (call after ``hf_config`` has accepted the model)."""
-    v, t = model.visual, _text_tower(model)
+    v, t = model.visual, text_tower(model)
     out = {
         "vision_model.embeddings.patch_embedding.weight": v.conv1.weight,
         "vision_model.embeddings.class_embedding": v.class_embedding,

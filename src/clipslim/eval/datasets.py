@@ -37,15 +37,15 @@ from tqdm import tqdm
 from clipslim.data.loader import (
     IMAGE_KEYS,
     DataError,
+    SkipCounter,
     SkipStats,
-    _first,
-    _open_image,
-    _read_csv,
-    _SkipCounter,
-    _tar_samples,
     caption_text,
     check_bad_fraction,
+    first_field,
+    open_image,
+    read_csv_rows,
     resolve_shards,
+    tar_samples,
 )
 from clipslim.eval.linear_probe import linear_probe
 from clipslim.eval.retrieval import class_retrieval_metrics, retrieval_metrics
@@ -101,7 +101,7 @@ def _open_rgb(data: bytes | Path, skipped: dict[str, int]) -> Image.Image | None
     except OSError:
         kind: Image.Image | str = "read_error"
     else:
-        kind = _open_image(raw)
+        kind = open_image(raw)
     if isinstance(kind, str):
         skipped[kind] = skipped.get(kind, 0) + 1
         return None
@@ -236,7 +236,7 @@ class ImageFolderSet(Dataset):
 
 def _csv_items(path: Path, skipped: dict[str, int]) -> list[tuple[Path, list[str]]]:
     groups: dict[Path, list[str]] = {}
-    for filepath, caption in _read_csv(path):
+    for filepath, caption in read_csv_rows(path):
         image = Path(filepath or "")
         image = image if image.is_absolute() else path.parent / image
         if not filepath or not image.is_file():
@@ -249,9 +249,9 @@ def _csv_items(path: Path, skipped: dict[str, int]) -> list[tuple[Path, list[str
 
 
 def _wds_items(data: str | Path, skipped: dict[str, int]) -> list[tuple[bytes, list[str]]]:
-    counter, items = _SkipCounter(), []
-    for sample in _tar_samples([{"url": s} for s in resolve_shards(data)], counter):
-        image = _first(sample, IMAGE_KEYS)
+    counter, items = SkipCounter(), []
+    for sample in tar_samples([{"url": s} for s in resolve_shards(data)], counter):
+        image = first_field(sample, IMAGE_KEYS)
         text, ok = caption_text(sample) if image is not None else ("missing_image", False)
         if not ok:
             counter.bump(text)
@@ -322,7 +322,7 @@ class EvalData:
         return tuple(t for t in self.tasks if t != "linear_probe")
 
 
-def _is_shapes(path: Path) -> bool:
+def is_shapes_folder(path: Path) -> bool:
     return path.is_dir() and (path / "classnames.txt").is_file() and (path / "eval").is_dir()
 
 
@@ -331,7 +331,7 @@ def open_eval_data(path: str | Path) -> EvalData:
     text = str(path)
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(text.split("{")[0]).stem or "data").strip("_") or "data"
     p = Path(text)
-    if _is_shapes(p):
+    if is_shapes_folder(p):
         return EvalData("shapes", p, name)
     if text.lower().endswith(".csv") and not p.is_file():
         raise DataError(f"data path not found: {text}")

@@ -3,11 +3,11 @@
 - :func:`inherit_manual`: TinyCLIP's manual rule (interval layers, leading heads/channels).
 - :func:`inherit_importance`: the same shapes, keeping the most important layers, heads and channels.
 - :class:`~clipslim.inherit.l0.L0Sparsity` / :func:`fuse_l0`: auto inheritance with hard-concrete L0 masks.
-- :func:`prune_blocks`: remove whole residual blocks, least harmful first.
-- :func:`run_stages`: multi-stage progressive distillation (``clipslim stages``).
+- :mod:`clipslim.inherit.blocks`: score residual blocks by their removal impact and build the smaller model.
+
+The end-to-end jobs around these (``clipslim inherit``, ``prune-blocks``, ``stages``) are in :mod:`clipslim.workflows`.
 """
 
-from clipslim.inherit.blocks import prune_blocks
 from clipslim.inherit.importance import TowerScores, importance_scores, importance_selection, inherit_importance
 from clipslim.inherit.l0 import L0Sparsity, build_clip, fuse_l0
 from clipslim.inherit.manual import (
@@ -21,7 +21,6 @@ from clipslim.inherit.manual import (
     manual_selection,
     tower_geometry,
 )
-from clipslim.inherit.stages import run_stages
 
 __all__ = [
     "InheritError",
@@ -39,7 +38,5 @@ __all__ = [
     "inherit_selected",
     "interval_layers",
     "manual_selection",
-    "prune_blocks",
-    "run_stages",
     "tower_geometry",
 ]

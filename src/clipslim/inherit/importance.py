@@ -22,26 +22,26 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 
-from ..recipe import IMPORTANCE_METHODS
+from ..config import ConfigError
 from .manual import (
-    _BLOCK_AXES,
-    _BLOCK_RE,
-    _TEXT_AXES,
-    _VISUAL_AXES,
+    BLOCK_AXES,
+    BLOCK_RE,
+    TEXT_AXES,
+    VISUAL_AXES,
     InheritError,
+    Tower,
     TowerSelection,
-    _blocks,
-    _Tower,
     check_compatible,
     inherit_selected,
     interval_layers,
+    tower_blocks,
     tower_geometry,
     tower_pairs,
 )
@@ -55,7 +55,39 @@ __all__ = [
     "inherit_importance",
 ]
 
-METHODS = IMPORTANCE_METHODS  # magnitude | activation | gradient
+METHODS = ("magnitude", "activation", "gradient")
+
+
+@dataclass(frozen=True)
+class InitSpec:
+    """How a student starts, parsed once from its text form (``student.init``, a stage's ``init``, ``--strategy``)."""
+
+    kind: Literal["random", "inherit", "importance", "continue", "spec"]
+    method: str | None = None
+    """The importance method (magnitude | activation | gradient) when kind is importance."""
+    spec: str | None = None
+    """The model spec to start from when kind is spec."""
+
+    @property
+    def inherits(self) -> bool:
+        """Whether the student copies slices of another model (the teacher, ``inherit_from`` or a previous stage)."""
+        return self.kind in ("inherit", "importance")
+
+
+def parse_init(text: str, where: str) -> InitSpec:
+    """``random`` | ``inherit`` (or ``manual``) | ``importance:<method>`` | ``continue`` | a model spec."""
+    if text in ("random", "inherit", "continue"):
+        return InitSpec(text)  # type: ignore[arg-type]
+    if text == "manual":
+        return InitSpec("inherit")
+    if text.startswith("importance:"):
+        method = text.removeprefix("importance:")
+        if method not in METHODS:
+            raise ConfigError(f"{where}: unknown importance method '{method}' (one of {', '.join(METHODS)})")
+        return InitSpec("importance", method=method)
+    return InitSpec("spec", spec=text)
+
+
 Batch = dict[str, Any] | tuple[torch.Tensor, torch.Tensor]
 
 
@@ -74,14 +106,14 @@ class TowerScores:
 # Shared helpers
 
 
-def _standard_blocks(tower: _Tower) -> nn.ModuleList:
-    blocks = _blocks(tower)
+def _standard_blocks(tower: Tower) -> nn.ModuleList:
+    blocks = tower_blocks(tower)
     if not all(isinstance(b, ResidualAttentionBlock) for b in blocks):
         raise InheritError(f"{tower.kind}: importance ranking supports open_clip's standard ResidualAttentionBlock")
     return blocks
 
 
-def _proj_matrix(tower: _Tower) -> torch.Tensor | None:
+def _proj_matrix(tower: Tower) -> torch.Tensor | None:
     """The output projection as [width, embed], whatever its layout."""
     m = tower.module
     proj = m.proj if tower.kind == "visual" else m.text_projection
@@ -90,7 +122,7 @@ def _proj_matrix(tower: _Tower) -> torch.Tensor | None:
     return proj.weight.t() if isinstance(proj, nn.Linear) else proj
 
 
-def _final_norm(tower: _Tower) -> nn.Module:
+def _final_norm(tower: Tower) -> nn.Module:
     return tower.module.ln_post if tower.kind == "visual" else tower.module.ln_final
 
 
@@ -109,7 +141,7 @@ def _as_batch(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.T
 
 
 @torch.no_grad()
-def _magnitude_tower(tower: _Tower) -> TowerScores:
+def _magnitude_tower(tower: Tower) -> TowerScores:
     blocks, geo = _standard_blocks(tower), tower_geometry(tower)
     w, h, hd = geo.width, geo.heads, geo.head_dim
     heads, mlp = [], []
@@ -135,7 +167,7 @@ def _rms(t: torch.Tensor, dim: int) -> torch.Tensor:
     return t.pow(2).mean(dim=dim).sqrt()
 
 
-def _embedding_write(tower: _Tower) -> torch.Tensor:
+def _embedding_write(tower: Tower) -> torch.Tensor:
     """RMS per channel of what enters the residual stream before the first block."""
     m = tower.module
     if tower.kind == "visual":
@@ -151,7 +183,7 @@ def _embedding_write(tower: _Tower) -> torch.Tensor:
 class _ActivationStats:
     """Forward hooks on one tower's blocks that accumulate per-structure activation statistics."""
 
-    def __init__(self, tower: _Tower) -> None:
+    def __init__(self, tower: Tower) -> None:
         self.blocks, geo = _standard_blocks(tower), tower_geometry(tower)
         n = len(self.blocks)
         self.sq = torch.zeros(geo.width)
@@ -250,16 +282,16 @@ def _contrastive_loss(model: nn.Module, images: torch.Tensor, texts: torch.Tenso
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
 
 
-def _param_axes(tower: _Tower, names: Iterable[str]) -> Iterator[tuple[str, int | None, tuple]]:
+def _param_axes(tower: Tower, names: Iterable[str]) -> Iterator[tuple[str, int | None, tuple]]:
     """(parameter name, block index or None, axis kinds) for the tower's parameters that have a rule."""
-    rules = _VISUAL_AXES if tower.kind == "visual" else _TEXT_AXES
+    rules = VISUAL_AXES if tower.kind == "visual" else TEXT_AXES
     for name in names:
         if not name.startswith(tower.prefix):
             continue
         local = name[len(tower.prefix) :]
-        block = _BLOCK_RE.fullmatch(local)
-        if block is not None and block.group(2) in _BLOCK_AXES:
-            yield name, int(block.group(1)), _BLOCK_AXES[block.group(2)]
+        block = BLOCK_RE.fullmatch(local)
+        if block is not None and block.group(2) in BLOCK_AXES:
+            yield name, int(block.group(1)), BLOCK_AXES[block.group(2)]
         elif block is None and local in rules:
             yield name, None, rules[local]
 
@@ -273,7 +305,7 @@ def _fold(kind: str, values: torch.Tensor, heads: int) -> torch.Tensor:
     return values
 
 
-def _taylor_batch(tower: _Tower, products: dict[str, torch.Tensor]) -> TowerScores:
+def _taylor_batch(tower: Tower, products: dict[str, torch.Tensor]) -> TowerScores:
     """Signed sums of g*w per structure for one batch (the absolute value is taken per batch by the caller)."""
     geo = tower_geometry(tower)
     s = TowerScores(
@@ -418,52 +450,3 @@ def calibration_batches(
     if not batches:
         raise InheritError(f"calibration data {data} gave no batches")
     return batches
-
-
-def inherit_to_folder(
-    teacher: str,
-    student_arch: str,
-    strategy: str,
-    out: str | Path,
-    *,
-    data: str | Path | None = None,
-    calib_batches: int = 4,
-    preprocess: str = "teacher",
-) -> dict:
-    """``clipslim inherit``: build ``student_arch`` from model spec ``teacher`` by ``manual`` or
-    ``importance:<method>``, export it to ``out`` (open_clip folder + ``inherit.json``) and, with a shapes-style
-    ``data`` folder, report its zero-shot accuracy right after inheritance (calibration batches come from
-    ``data/train``). ``preprocess="teacher"`` gives the student the teacher's normalisation and resize rule (its
-    weights expect them); ``"own"`` keeps the student config's."""
-    from ..eval.run import evaluate_shapes
-    from ..export import export_open_clip
-    from ..io import atomic_write_json
-    from ..models import adopt_preprocess, load_model, weights_fingerprint
-    from .manual import inherit_manual
-
-    method = strategy.removeprefix("importance:")
-    if strategy != "manual" and not (strategy.startswith("importance:") and method in METHODS):
-        raise InheritError(f"--strategy: expected manual or importance:<{'|'.join(METHODS)}>, got '{strategy}'")
-    source, student = load_model(teacher), load_model(student_arch)
-    if strategy == "manual":
-        report = inherit_manual(source.model, student.model)
-    else:
-        batches = None
-        if method != "magnitude":
-            if data is None:
-                raise InheritError(f"--data: importance:{method} needs calibration data (a shapes-style folder)")
-            batches = calibration_batches(Path(data) / "train", source, calib_batches)
-        report = inherit_importance(source.model, student.model, method=method, calib_batches=batches)
-    report.update(teacher=teacher, student=student_arch, strategy=strategy)
-    report["preprocess_adopted"] = adopt_preprocess(student, source) if preprocess == "teacher" else {}
-    report["preprocess"] = {k: student.preprocess_cfg.get(k) for k in ("size", "mean", "std", "interpolation")}
-    out = Path(out)
-    provenance = {"spec": teacher, "weights_sha256_16": weights_fingerprint(source.model)}
-    export_open_clip(
-        student.model, student.model_cfg, out, preprocess_cfg=student.preprocess_cfg, arch=student.arch,
-        extra={"inherited_from": teacher, "strategy": strategy, "teacher": provenance},
-    )  # fmt: skip
-    if data is not None and (Path(data) / "eval").is_dir():
-        report["eval"] = evaluate_shapes(student, data, progress=False)
-    atomic_write_json(out / "inherit.json", report)
-    return report

@@ -36,18 +36,18 @@ from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..config import ConfigError
 from ..models import count_params
-from ..objectives.base import Dims, Objective, Outputs, register
-from ..recipe import L0Section
+from ..registry import Dims, Objective, Outputs, register
 from .manual import (
-    _TEXT_AXES,
-    _VISUAL_AXES,
+    TEXT_AXES,
+    VISUAL_AXES,
     InheritError,
+    Tower,
     TowerGeometry,
     TowerSelection,
-    _blocks,
-    _Tower,
     inherit_selected,
+    tower_blocks,
     tower_geometry,
     tower_pairs,
 )
@@ -56,6 +56,33 @@ __all__ = ["L0Sparsity", "build_clip", "fuse_l0", "hard_concrete_keep_prob"]
 
 BETA, GAMMA, ZETA = 2.0 / 3.0, -0.1, 1.1  # temperature and stretch interval (CoFiPruning / TinyCLIP)
 LOG_ALPHA_RANGE = (math.log(0.01), math.log(100.0))  # TinyCLIP clamps mask logits to this range
+
+
+@dataclass
+class L0Section:
+    """Auto inheritance (TinyCLIP learned inheritance): hard-concrete L0 masks over width, heads and FFN channels of
+    both towers, trained with a Lagrangian sparsity penalty, fused into a smaller dense model at the stage's end."""
+
+    target_sparsity: float = 0.5
+    """Fraction of the stage's starting non-embedding parameters to remove (both towers together)."""
+    start_sparsity: float = 0.0
+    ramp_steps: int = 100
+    """Steps over which the target rises linearly from start_sparsity to target_sparsity."""
+    lambda_init: float = 10.0
+    """Initial Lagrange multipliers lambda1, lambda2 (trained by gradient ascent; TinyCLIP: 10)."""
+    init_log_alpha: float = 1.0
+    """Initial mask logits (1: keep probability 0.93); near-saturated logits (TinyCLIP: 4.6) barely move in a
+    few hundred steps."""
+    mask_lr_scale: float = 100.0
+    """Mask logits and multipliers move this many times faster than train.lr (lr 1e-3: 0.1 per step; TinyCLIP
+    uses 0.02 over thousands of steps)."""
+
+    def validate(self, where: str) -> None:
+        for name in ("target_sparsity", "start_sparsity"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{where}.{name}: must be in [0, 1), got {getattr(self, name)}")
+        if self.ramp_steps < 1 or self.mask_lr_scale <= 0:
+            raise ConfigError(f"{where}.ramp_steps/mask_lr_scale: must be >= 1 / > 0")
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -111,15 +138,15 @@ class _TowerCount:
         return blocks + self.outside_w * w + self.outside_const
 
 
-def _tower_count(model: nn.Module, tower: _Tower) -> _TowerCount:
+def _tower_count(model: nn.Module, tower: Tower) -> _TowerCount:
     geo = tower_geometry(tower)
     w, h, hd, m = geo.width, geo.heads, geo.head_dim, geo.mlp_width
-    block = _blocks(tower)[0]
+    block = tower_blocks(tower)[0]
     block_params = sum(p.numel() for p in block.parameters())
     per_block_w, rest = divmod(block_params - (4 * hd * w + 3 * hd) * h - (2 * w + 1) * m, w)
     if rest:
         raise InheritError(f"{tower.kind}: block parameters are not linear in the width; L0 cannot count them")
-    rules = _VISUAL_AXES if tower.kind == "visual" else _TEXT_AXES
+    rules = VISUAL_AXES if tower.kind == "visual" else TEXT_AXES
     embeddings = {id(mod.weight) for mod in model.modules() if isinstance(mod, nn.Embedding)}
     outside_w = outside_const = 0
     for name, p in tower.module.named_parameters():
@@ -263,17 +290,17 @@ class L0Sparsity(Objective):
         self._handles.clear()
         if self._model is not None:
             for tower, _ in tower_pairs(self._model, self._model):
-                for block in _blocks(tower):
+                for block in tower_blocks(tower):
                     if parametrize.is_parametrized(block.attn.out_proj, "weight"):
                         parametrize.remove_parametrizations(block.attn.out_proj, "weight", leave_parametrized=False)
         object.__setattr__(self, "_model", None)
 
-    def _install(self, tower: _Tower) -> None:
+    def _install(self, tower: Tower) -> None:
         kind, m = tower.kind, tower.module
         self._handles.append(m.transformer.register_forward_pre_hook(self._entry_hook(kind)))
         norms = [m.ln_pre] if kind == "visual" else []
         norms.append(m.ln_post if kind == "visual" else m.ln_final)
-        for i, block in enumerate(_blocks(tower)):
+        for i, block in enumerate(tower_blocks(tower)):
             norms += [block.ln_1, block.ln_2]
             for ls in (block.ls_1, block.ls_2):
                 self._handles.append(ls.register_forward_hook(self._write_hook(kind)))
@@ -453,9 +480,9 @@ def _structure(logits: tuple[torch.Tensor, ...], geo: TowerGeometry, heads_n: in
     return _Structure(width, heads, mlp, gates)
 
 
-def _check_supported(tower: _Tower) -> None:
+def _check_supported(tower: Tower) -> None:
     norms = [tower.module.ln_post if tower.kind == "visual" else tower.module.ln_final]
-    for block in _blocks(tower):
+    for block in tower_blocks(tower):
         if not isinstance(block, ResidualAttentionBlock) or hasattr(block, "ln_1_kv"):
             raise InheritError(f"{tower.kind}: L0 masks support open_clip's standard ResidualAttentionBlock only")
         if not block.attn.batch_first:
@@ -472,17 +499,17 @@ def _check_supported(tower: _Tower) -> None:
 
 def build_clip(model_cfg: dict[str, Any]) -> nn.Module:
     """A stock open_clip CLIP / CustomTextCLIP from an architecture dict (``open_clip_config.json``'s model_cfg)."""
-    from ..models import _quiet_random_init
+    from ..models import quiet_random_init
 
     cfg = copy.deepcopy(model_cfg)
     custom = cfg.pop("custom_text", False)
     if "multimodal_cfg" in cfg:
         raise InheritError("model_cfg: CoCa (multimodal_cfg) models are not supported")
-    with _quiet_random_init():
+    with quiet_random_init():
         return (CustomTextCLIP if custom else CLIP)(**cfg)
 
 
-def _mlp_ratio(width: int, mlp: int) -> float:
+def mlp_ratio_of(width: int, mlp: int) -> float:
     """A ratio that open_clip turns back into exactly ``mlp`` channels (``int(width * ratio)``)."""
     for ratio in (mlp / width, (mlp + 0.5) / width):
         if int(width * ratio) == mlp:
@@ -496,7 +523,7 @@ def _fused_cfg(model_cfg: dict[str, Any], structure: dict[str, _Structure], geo:
         s, g = structure[kind], geo[kind]
         width, heads, mlp = len(s.width), len(s.heads[0]), len(s.mlp[0])
         section = cfg[key]
-        section.update(width=width, mlp_ratio=_mlp_ratio(width, mlp))
+        section.update(width=width, mlp_ratio=mlp_ratio_of(width, mlp))
         if kind == "visual":
             section["head_width"] = g.head_dim
         else:
@@ -511,7 +538,7 @@ def _apply_gates(model: nn.Module, structure: dict[str, _Structure]) -> None:
         s, m = structure[tower.kind], tower.module
         zw = s.masks.width.index_select(0, s.masks.keep).to(torch.float32)
         norms = [m.ln_pre, m.ln_post] if tower.kind == "visual" else [m.ln_final]
-        for i, block in enumerate(_blocks(tower)):
+        for i, block in enumerate(tower_blocks(tower)):
             norms += [block.ln_1, block.ln_2]
             zh = s.masks.heads[i][s.heads[i]].repeat_interleave(block.attn.head_dim)
             zm = s.masks.mlp[i][s.mlp[i]]

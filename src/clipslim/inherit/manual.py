@@ -74,7 +74,7 @@ def interval_layers(n_teacher: int, n_student: int) -> list[int]:
 
 
 @dataclass(frozen=True)
-class _Tower:
+class Tower:
     kind: str  # "visual" | "text"
     prefix: str  # parameter-name prefix of the tower inside the full model: "visual.", "text." or "" (flat CLIP)
     module: nn.Module  # the module that owns the tower's attributes (the model itself for a flat CLIP text tower)
@@ -95,7 +95,7 @@ class TowerGeometry:
     vocab_size: int | None = None  # text only
 
 
-def _vision_tower(model: nn.Module) -> _Tower:
+def _vision_tower(model: nn.Module) -> Tower:
     visual = getattr(model, "visual", None)
     if not isinstance(visual, VisionTransformer):
         raise InheritError(
@@ -103,23 +103,23 @@ def _vision_tower(model: nn.Module) -> _Tower:
         )
     if visual.attn_pool is not None:
         raise InheritError("visual.attn_pool (attentional pooling) is not supported by manual inheritance")
-    return _Tower("visual", "visual.", visual)
+    return Tower("visual", "visual.", visual)
 
 
-def _text_tower(model: nn.Module) -> _Tower:
+def text_tower(model: nn.Module) -> Tower:
     text = getattr(model, "text", None)
     if isinstance(text, nn.Module):
         if not isinstance(text, TextTransformer):
             raise InheritError(
                 f"text tower {type(text).__name__} is not supported (only open_clip's native TextTransformer)"
             )
-        return _Tower("text", "text.", text)
+        return Tower("text", "text.", text)
     if isinstance(getattr(model, "token_embedding", None), nn.Embedding) and hasattr(model, "transformer"):
-        return _Tower("text", "", model)  # open_clip.CLIP flattens its text tower into the model
+        return Tower("text", "", model)  # open_clip.CLIP flattens its text tower into the model
     raise InheritError(f"text tower of {type(model).__name__} is not supported (no native open_clip text tower)")
 
 
-def _blocks(tower: _Tower) -> nn.ModuleList:
+def tower_blocks(tower: Tower) -> nn.ModuleList:
     blocks = getattr(getattr(tower.module, "transformer", None), "resblocks", None)
     if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
         raise InheritError(f"{tower.kind}.transformer has no resblocks")
@@ -134,8 +134,8 @@ def _proj_out_dim(proj: nn.Module | torch.Tensor | None, width: int) -> int:
     return proj.shape[1]
 
 
-def tower_geometry(tower: _Tower) -> TowerGeometry:
-    blocks = _blocks(tower)
+def tower_geometry(tower: Tower) -> TowerGeometry:
+    blocks = tower_blocks(tower)
     attn = blocks[0].attn
     width = attn.num_heads * attn.head_dim
     common = dict(
@@ -170,7 +170,7 @@ _AT_MOST = ("width", "layers", "heads", "mlp_width", "embed_dim")
 def check_compatible(teacher: nn.Module, student: nn.Module) -> None:
     """Raise :class:`InheritError` (naming the field, e.g. ``text.layers``) unless ``student`` can inherit from
     ``teacher``; touches no weights."""
-    for get in (_vision_tower, _text_tower):
+    for get in (_vision_tower, text_tower):
         t_tower, s_tower = get(teacher), get(student)
         kind = t_tower.kind
         t, s = tower_geometry(t_tower), tower_geometry(s_tower)
@@ -243,7 +243,7 @@ def manual_selection(t: TowerGeometry, s: TowerGeometry) -> TowerSelection:
 # "head_ch" = the channels of the kept heads; "qkv" = those channels in each of the packed q, k, v.
 Axes = tuple[str | None, ...]
 
-_BLOCK_AXES: dict[str, Axes] = {
+BLOCK_AXES: dict[str, Axes] = {
     "attn.in_proj_weight": ("qkv", "width"),
     "attn.in_proj_bias": ("qkv",),
     "attn.out_proj.weight": ("width", "head_ch"),
@@ -265,7 +265,7 @@ _BLOCK_AXES: dict[str, Axes] = {
     "mlp.ln.bias": ("mlp",),
 }
 
-_VISUAL_AXES: dict[str, Axes] = {
+VISUAL_AXES: dict[str, Axes] = {
     "conv1.weight": ("width", None, None, None),
     "class_embedding": ("width",),
     "positional_embedding": (None, "width"),
@@ -273,7 +273,7 @@ _VISUAL_AXES: dict[str, Axes] = {
     "proj": ("width", "embed"),
 }
 
-_TEXT_AXES: dict[str, Axes] = {
+TEXT_AXES: dict[str, Axes] = {
     "token_embedding.weight": (None, "width"),
     "positional_embedding": (None, "width"),
     "cls_emb": ("width",),
@@ -289,7 +289,7 @@ def _head_channels(heads: list[int], head_dim: int) -> list[int]:
     return [h * head_dim + j for h in heads for j in range(head_dim)]
 
 
-def _axis_index(
+def axis_index(
     axis: str | None, sel: TowerSelection, block: int | None, t_size: int, s_size: int, head_dim: int
 ) -> list[int]:
     """Teacher indices for one axis of one tensor."""
@@ -318,7 +318,7 @@ def _take(
         raise InheritError(f"cannot cut teacher shape {tuple(t.shape)} to student shape {tuple(shape)}")
     out = t
     for dim, axis in enumerate(axes):
-        index = _axis_index(axis, sel, block, t.shape[dim], shape[dim], head_dim)
+        index = axis_index(axis, sel, block, t.shape[dim], shape[dim], head_dim)
         if len(index) != shape[dim] or (index and not 0 <= min(index) <= max(index) < t.shape[dim]):
             raise InheritError(
                 f"cannot cut teacher shape {tuple(t.shape)} to student shape {tuple(shape)} "
@@ -335,7 +335,7 @@ def _scalar(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return t.reshape(shape)
 
 
-_BLOCK_RE = re.compile(r"transformer\.resblocks\.(\d+)\.(.+)")
+BLOCK_RE = re.compile(r"transformer\.resblocks\.(\d+)\.(.+)")
 
 
 @dataclass(frozen=True)
@@ -354,23 +354,23 @@ class _Copy:
 
 
 def _plan_tower(
-    t_tower: _Tower, s_tower: _Tower, s_names: list[str], sel: TowerSelection, head_dim: int
+    t_tower: Tower, s_tower: Tower, s_names: list[str], sel: TowerSelection, head_dim: int
 ) -> tuple[list[_Copy], set[str]]:
     """Map the student tower's parameters to teacher parameters; returns (plan, claimed student names)."""
-    rules = _VISUAL_AXES if s_tower.kind == "visual" else _TEXT_AXES
+    rules = VISUAL_AXES if s_tower.kind == "visual" else TEXT_AXES
     plan: list[_Copy] = []
     claimed: set[str] = set()
     for name in s_names:
         if not name.startswith(s_tower.prefix):
             continue
         local = name[len(s_tower.prefix) :]
-        block = _BLOCK_RE.fullmatch(local)
+        block = BLOCK_RE.fullmatch(local)
         if block is not None:
             index, rest = int(block.group(1)), block.group(2)
-            if rest not in _BLOCK_AXES:
+            if rest not in BLOCK_AXES:
                 continue  # no rule: reported as missed
             teacher_local = f"transformer.resblocks.{sel.layers[index]}.{rest}"
-            plan.append(_Copy(name, t_tower.prefix + teacher_local, _BLOCK_AXES[rest], sel, index, head_dim))
+            plan.append(_Copy(name, t_tower.prefix + teacher_local, BLOCK_AXES[rest], sel, index, head_dim))
         elif local in rules:
             plan.append(_Copy(name, t_tower.prefix + local, rules[local], sel, None, head_dim))
         else:
@@ -379,9 +379,9 @@ def _plan_tower(
     return plan, claimed
 
 
-def tower_pairs(teacher: nn.Module, student: nn.Module) -> list[tuple[_Tower, _Tower]]:
+def tower_pairs(teacher: nn.Module, student: nn.Module) -> list[tuple[Tower, Tower]]:
     """(teacher tower, student tower) for the visual and the text tower, in that order."""
-    return [(get(teacher), get(student)) for get in (_vision_tower, _text_tower)]
+    return [(get(teacher), get(student)) for get in (_vision_tower, text_tower)]
 
 
 def inherit_manual(teacher: nn.Module, student: nn.Module, *, copy_logit_scale: bool = True) -> dict:

@@ -1,6 +1,19 @@
-"""Registered loss terms. Importing this package registers every built-in objective."""
+"""Loss terms, one file each, registered by name (:data:`clipslim.registry.OBJECTIVE_MODULES`).
 
-from . import affinity, clip, cross_kd, feature, fusion, gradient, icl, masked_feature, proto, slimmable  # noqa: F401  (registration side effects)
-from .base import OBJECTIVES, Dims, Objective, ObjectiveConfig, Outputs, get_objective, parse_config, register
+Importing this package imports none of them: a recipe's objectives are imported when it is validated.
+"""
 
-__all__ = ["OBJECTIVES", "Dims", "Objective", "ObjectiveConfig", "Outputs", "get_objective", "parse_config", "register"]
+from ..registry import (
+    OBJECTIVES,
+    Dims,
+    Objective,
+    ObjectiveConfig,
+    Outputs,
+    get_objective,
+    objective_names,
+    parse_config,
+    register,
+)
+
+__all__ = ["OBJECTIVES", "Dims", "Objective", "ObjectiveConfig", "Outputs", "get_objective", "objective_names",
+           "parse_config", "register"]  # fmt: skip

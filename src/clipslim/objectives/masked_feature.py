@@ -22,7 +22,7 @@ from torch import nn
 
 from ..config import ConfigError
 from ..distributed import current_env
-from .base import Outputs, register
+from .base import Dims, Outputs, register
 from .feature import FeatureConfig, FeatureObjective
 
 
@@ -79,7 +79,12 @@ class MaskedFeatureObjective(FeatureObjective):
     name = "masked_feature"
     Config = MaskedFeatureConfig
     cfg: MaskedFeatureConfig
-    _calls = 0  # masked forwards so far; seeds the mask noise identically on every rank
+
+    def __init__(self, cfg: MaskedFeatureConfig, student_dims: Dims, teacher_dims: Dims | None) -> None:
+        super().__init__(cfg, student_dims, teacher_dims)
+        # masked forwards so far: seeds the mask noise identically on every rank; a buffer, so a resume continues
+        # the same sequence of masks instead of restarting it
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
 
     def student_view(self, model: nn.Module, batch: dict[str, Any], student: Outputs) -> Outputs:
         """The student's outputs with the image embedding replaced by a masked forward (text is reused as is)."""
@@ -89,10 +94,8 @@ class MaskedFeatureObjective(FeatureObjective):
         if not isinstance(getattr(visual, "patch_dropout", None), nn.Module):
             raise TypeError(f"{self.name} needs an open_clip VisionTransformer student (with .patch_dropout)")
         saved = visual.patch_dropout
-        self._calls += 1  # same count on every rank: one masked forward per step
-        visual.patch_dropout = KeepPatches(
-            self.cfg.keep_ratio, seed=(torch.initial_seed() + 7919 * self._calls) % 2**63
-        )
+        self.calls += 1  # same count on every rank: one masked forward per step
+        visual.patch_dropout = KeepPatches(self.cfg.keep_ratio, seed=mask_seed(int(self.calls)))
         try:
             image = model.encode_image(batch["image"], normalize=True)
         finally:

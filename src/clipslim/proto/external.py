@@ -35,10 +35,10 @@ def iter_captions(data: str | Path) -> Iterator[tuple[str, str]]:
 
     Only captions are read (no image decoding), so this pass is cheap next to a training epoch.
     """
-    from ..data.loader import _is_csv, _read_csv, resolve_shards
+    from ..data.loader import is_csv_path, read_csv_rows, resolve_shards
 
-    if _is_csv(data):
-        for filepath, caption in _read_csv(Path(data)):
+    if is_csv_path(data):
+        for filepath, caption in read_csv_rows(Path(data)):
             if caption and caption.strip():
                 yield filepath, caption.strip()
         return

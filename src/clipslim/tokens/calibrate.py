@@ -17,6 +17,7 @@ from open_clip.transformer import VisionTransformer
 from tqdm.auto import tqdm
 
 from .golden import finish, golden_scores, hidden_after
+from .options import FitOptions
 from .prune import RANKINGS, TokenPredictor, TokenPruner, keep_top, kept_count
 
 log = logging.getLogger(__name__)
@@ -129,26 +130,27 @@ def fit_extra_tokens(
 
 
 def fit_pruner(
-    model: torch.nn.Module, cfg: Any, images: torch.Tensor, *, golden_images: int = 512, predictor_steps: int = 300,
-    token_steps: int = 300, seed: int = 0, progress: bool = True,
+    model: torch.nn.Module, cfg: Any, images: torch.Tensor, opts: FitOptions | None = None, *, seed: int = 0,
+    progress: bool = True,
 ) -> tuple[TokenPruner, dict[str, Any]]:  # fmt: skip
     """A pruner for ``model`` fitted on calibration ``images`` (the model is left unpruned); plus a fit report.
 
-    The predictor trains on the golden ranking of the first ``golden_images`` images (80%; the rest measure how
+    The predictor trains on the golden ranking of the first ``opts.golden_images`` images (80%; the rest measure how
     often it keeps the golden top tokens); the learnable tokens train on all of ``images``.
     """
-    from .prune import _visual
+    from .prune import vision_tower
 
-    visual = _visual(model)
+    opts = opts or FitOptions()
+    visual = vision_tower(model)
     model.eval()
     torch.manual_seed(seed)
     pruner = TokenPruner(cfg, visual.transformer.width)
     cache = cache_tokens(visual, images, cfg.after_block)
     report: dict[str, Any] = {"calib_images": len(images)}
     if cfg.ranking == "predictor":
-        report.update(_fit_ranking(pruner, visual, images[:golden_images], predictor_steps, seed, progress))
+        report.update(_fit_ranking(pruner, visual, images[: opts.golden_images], opts.predictor_steps, seed, progress))
     if pruner.extra is not None:
-        losses = fit_extra_tokens(pruner, visual, cache, token_steps, seed=seed, progress=progress)
+        losses = fit_extra_tokens(pruner, visual, cache, opts.token_steps, seed=seed, progress=progress)
         report["distill_loss"] = {"first": losses[0], "last": sum(losses[-20:]) / len(losses[-20:])}
     return pruner, report
 

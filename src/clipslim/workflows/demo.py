@@ -12,15 +12,14 @@ Re-running reuses finished runs and resumes interrupted ones, so nothing already
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .io import atomic_write_json, atomic_write_text
-from .models import ClipBundle, count_params, load_model
+from ..io import atomic_write_json, atomic_write_text, read_mapping
+from ..models import ClipBundle, count_params, load_model
 
 log = logging.getLogger(__name__)
 TEACHER = "shapes-teacher:demo"
@@ -30,10 +29,9 @@ RECIPES = ("demo_distill", "demo_scratch")
 def _run_recipe(
     name: str, out: Path, data_dir: Path, steps: int | None, extra: list[str]
 ) -> tuple[Path, dict[str, Any]]:
-    from .cli import resolve_recipe
-    from .recipe import load_recipe
-    from .train import train
-    from .train.checkpoint import latest_checkpoint
+    from ..recipe import load_recipe, resolve_recipe
+    from ..train import train
+    from ..train.checkpoint import latest_checkpoint
 
     overrides = [f"data.train={data_dir / 'train'}", f"data.eval={data_dir}"]
     if steps is not None:
@@ -45,7 +43,7 @@ def _run_recipe(
     done = run_dir / "results.json"
     if done.is_file() and (run_dir / "recipe.yaml").read_text() == _recipe_yaml(recipe):
         log.info("%s: reusing finished run in %s", recipe.name, run_dir)
-        return run_dir, json.loads(done.read_text())
+        return run_dir, read_mapping(done)
     resume = latest_checkpoint(run_dir / "checkpoints") is not None
     if resume and (run_dir / "recipe.yaml").read_text() != _recipe_yaml(recipe):
         raise ValueError(f"{run_dir} holds a run of a different recipe; remove it or pass another --out")
@@ -53,7 +51,7 @@ def _run_recipe(
 
 
 def _recipe_yaml(recipe: Any) -> str:
-    from .recipe import recipe_to_yaml
+    from ..recipe import recipe_to_yaml
 
     return recipe_to_yaml(recipe)
 
@@ -61,7 +59,7 @@ def _recipe_yaml(recipe: Any) -> str:
 def _speeds(bundles: list[ClipBundle], rounds: int = 3) -> list[float]:
     """Images/s of each model, measured together after all training, alternating models over several rounds and
     keeping each one's best round, so that a burst of background work does not land on a single model."""
-    from .eval.speed import encoder_throughput
+    from ..eval.speed import encoder_throughput
 
     best = [0.0] * len(bundles)
     for _ in range(rounds):
@@ -98,7 +96,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _read_csv(path: Path) -> list[dict[str, str]]:
+def read_csv_rows(path: Path) -> list[dict[str, str]]:
     if not path.is_file():
         return []
     with open(path, newline="", encoding="utf-8") as f:
@@ -107,15 +105,15 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
 
 def plot_runs(runs: dict[str, Path], teacher_acc: float, out_png: Path) -> Path:
     """Loss and held-out zero-shot top-1 against steps for each run, the teacher as a reference line."""
-    from .plots import pyplot, save_figure
+    from ..plots import pyplot, save_figure
 
     plt = pyplot()
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     for label, run_dir in runs.items():
-        rows = _read_csv(run_dir / "metrics.csv")
+        rows = read_csv_rows(run_dir / "metrics.csv")
         ax_loss.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], label=label)
-        evals = _read_csv(run_dir / "evals.csv")
+        evals = read_csv_rows(run_dir / "evals.csv")
         steps = [int(r["step"]) for r in evals]
         ax_acc.plot(steps, [100 * float(r["zeroshot_heldout/acc1"]) for r in evals], marker="o", label=label)
     ax_acc.axhline(100 * teacher_acc, color="k", linestyle="--", label="teacher")
@@ -138,8 +136,8 @@ def run_demo(
     data_args: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the demo; ``teacher``, ``overrides`` (applied to both recipes) and ``data_args`` shrink it for tests."""
-    from .data.shapes import write_shapes
-    from .eval.run import evaluate_shapes
+    from ..data.shapes import write_shapes
+    from ..eval.run import evaluate_shapes
 
     write_shapes(data_dir, **(data_args or {}))
     extra = [f"teacher={teacher}", *overrides]

@@ -14,8 +14,9 @@ from typing import Any
 import torch
 
 from ..io import atomic_write_json
-from .calibrate import calibration_images, fit_pruner
-from .prune import PruneConfig, apply_token_pruning, remove_token_pruning, save_token_pruning
+from ..tokens.calibrate import calibration_images, fit_pruner
+from ..tokens.options import FitOptions
+from ..tokens.prune import PruneConfig, apply_token_pruning, remove_token_pruning, save_token_pruning
 
 
 def image_throughput(model: torch.nn.Module, pruned: Any, images: torch.Tensor, repeats: int = 10) -> dict[str, float]:
@@ -50,24 +51,22 @@ def _accuracy(bundle: Any, data: Path) -> dict[str, float] | None:
 
 
 def prune_tokens(
-    spec: str, data: str | Path, out: str | Path, cfg: PruneConfig, *, calib_images: int = 1024,
-    golden_images: int = 256, predictor_steps: int = 300, token_steps: int = 200, progress: bool = True,
+    spec: str, data: str | Path, out: str | Path, cfg: PruneConfig, opts: FitOptions | None = None, *,
+    progress: bool = True,
 ) -> dict[str, Any]:  # fmt: skip
     """Fit, save to ``out`` and measure (zero-shot on ``data/eval`` if present, image-encoder images/s)."""
     from ..export import export_open_clip
     from ..models import load_model
 
     cfg.validate()
+    opts = opts or FitOptions()
     data, out = Path(data), Path(out)
     if not (data / "train").is_dir():
         raise FileNotFoundError(f"{data / 'train'}: calibration shards not found (--data is a shapes-style folder)")
     bundle = load_model(spec)
     model = bundle.model.eval()
-    images = calibration_images(bundle, data / "train", calib_images)
-    pruner, report = fit_pruner(
-        model, cfg, images, golden_images=golden_images, predictor_steps=predictor_steps,
-        token_steps=token_steps, progress=progress,
-    )  # fmt: skip
+    images = calibration_images(bundle, data / "train", opts.calib_images)
+    pruner, report = fit_pruner(model, cfg, images, opts, progress=progress)
     report = {"model": spec, "config": vars(cfg), "fit": report, "before": _accuracy(bundle, data)}
     report["speed"] = image_throughput(model, pruner, images[:64])
     export_open_clip(model, bundle.model_cfg, out, preprocess_cfg=bundle.preprocess_cfg, arch=bundle.arch)

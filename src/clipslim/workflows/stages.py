@@ -13,7 +13,6 @@ a stage with checkpoints resumes; a stage directory holding another recipe is an
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -23,9 +22,9 @@ from typing import Any
 import torch
 
 from ..config import ConfigError, to_dict
-from ..io import atomic_write_json, atomic_write_text
+from ..inherit import l0 as _l0  # noqa: F401  (registers the l0_sparsity objective)
+from ..io import atomic_write_json, atomic_write_text, read_mapping
 from ..recipe import Recipe, StageSection, recipe_from_dict, recipe_to_yaml
-from . import l0 as _l0  # noqa: F401  (registers the l0_sparsity objective)
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +59,7 @@ def _spec_arch(spec: str) -> str:
     folder = Path(spec.removeprefix("local-dir:"))
     if folder.is_dir():
         config = folder / "open_clip_config.json"
-        return json.loads(config.read_text()).get("arch", folder.name) if config.is_file() else folder.name
+        return read_mapping(config).get("arch", folder.name) if config.is_file() else folder.name
     return spec.partition(":")[0]
 
 
@@ -93,10 +92,10 @@ def _fuse_stage(recipe: Recipe, run_dir: Path, results: dict[str, Any], built: A
     """Replace the stage's ``student/`` by the fused dense model and record it in ``results.json``."""
     from ..eval.run import evaluate_shapes
     from ..export import export_open_clip
+    from ..inherit.l0 import fuse_l0
     from ..models import count_params, load_model
     from ..train.checkpoint import latest_checkpoint, load_checkpoint
     from ..train.setup import build
-    from .l0 import fuse_l0
 
     if built is None:  # crashed between the end of training and fusing: the final checkpoint has everything
         built = build(recipe, torch.device("cpu"))
@@ -128,7 +127,7 @@ def _run_stage(recipe: Recipe, stage: StageSection, run_dir: Path, progress: boo
     _check_same_recipe(run_dir, recipe)
     done = run_dir / "results.json"
     if done.is_file():
-        results = json.loads(done.read_text())
+        results = read_mapping(done)
         if stage.l0 is None or "fused" in results:
             log.info("%s: finished earlier, skipping", recipe.name)
             return results

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ..config import ConfigError
 from ..io import atomic_write_json, atomic_write_text
 from ..recipe import Recipe, recipe_to_yaml
-from .schedule import TokenPhase, TokenSection
+from ..tokens.schedule import TokenPhase, TokenSection
 
 log = logging.getLogger(__name__)
 
