@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from clipslim.io import atomic_write_json, save_tensors
+from clipslim.io import atomic_write_json, ensure_dir, save_tensors
 
 CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
@@ -68,8 +68,7 @@ def export_open_clip(
         raise ValueError(f"model_cfg lacks {missing}: pass the architecture dict, not a whole open_clip config")
     if preprocess_cfg is None:
         preprocess_cfg = _model_preprocess_cfg(model)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = ensure_dir(out_dir)
     save_tensors(out_dir / WEIGHTS_NAME, export_state_dict(model, dtype), metadata={"format": "pt"})
     config: dict[str, Any] = {"model_cfg": jsonable(model_cfg), "preprocess_cfg": jsonable(preprocess_cfg)}
     if arch is not None:

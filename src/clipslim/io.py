@@ -177,12 +177,14 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
     """A JSON (``.json``) or YAML file whose top level must be a mapping; otherwise one line naming the file."""
     data = read_json(path) if str(path).endswith(".json") else read_yaml(path)
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of keys to values at the top level, got {_kind(data)}")
+        raise ConfigError(f"{path}: expected a mapping of keys to values at the top level, got {kind_of(data)}")
     return data
 
 
-def _kind(value: Any) -> str:
-    return {list: "a list", str: "a string", type(None): "an empty file"}.get(type(value), type(value).__name__)
+def kind_of(value: Any) -> str:
+    """What a parsed JSON/YAML value is, for messages: ``a list``, ``a number``, ``an empty file``."""
+    kinds = {list: "a list", str: "a string", int: "a number", float: "a number", bool: "a boolean"}
+    return "an empty file" if value is None else kinds.get(type(value), type(value).__name__)
 
 
 def check_number(value: Any, where: str, low: float, high: float) -> float:

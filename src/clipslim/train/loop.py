@@ -392,6 +392,12 @@ class Trainer:
     def _loop(self, stop: _StopFlag) -> None:
         show = self.progress and self.env.is_main
         bar = tqdm(total=self.cfg.steps, initial=self.step, disable=not show, desc=self.recipe.name)
+        try:
+            self._steps(stop, bar)
+        finally:
+            bar.close()  # before any error is printed, so the two do not share a line
+
+    def _steps(self, stop: _StopFlag, bar: tqdm) -> None:
         tick, pairs = time.perf_counter(), 0
         if self.cfg.eval_every and self.step == 0:
             self.evaluate()  # the starting point: what inheritance alone gives
@@ -419,7 +425,6 @@ class Trainer:
             if self.step % self.cfg.save_every == 0 and self.step < self.cfg.steps and not self.bad_streak:
                 self.save(required=False)
             bar.update(1)
-        bar.close()
 
     def _watch(self, out: dict[str, torch.Tensor]) -> None:
         """Feed the divergence guard (main process only); a finding is one warning line, kept for results.json."""
