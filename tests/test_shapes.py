@@ -20,6 +20,7 @@ from clipslim.data.shapes import (
     OOD_FILLS,
     PAIR_CAPTIONS,
     PALETTE,
+    PARTIAL_CAPTIONS,
     POSITIONS,
     SHAPES,
     SINGLE_CAPTIONS,
@@ -31,6 +32,7 @@ from clipslim.data.shapes import (
     generate_sample,
     jitter_colour,
     load_info,
+    partial_caption,
     read_lines,
     render,
     write_shapes,
@@ -85,6 +87,9 @@ def _all_captions() -> list[str]:
                         out += [
                             caption_for([dict(colour=c, shape=s, size=z, position=p, fill=f)], t) for p in POSITIONS
                         ]
+    for t in range(len(PARTIAL_CAPTIONS)):
+        out += [partial_caption(dict(colour=c, shape=s, size="small", position="bottom", fill="outline"), t)
+                for c in COLOURS for s in SHAPES]  # fmt: skip
     layouts = [("left", "right"), ("right", "left"), ("top", "bottom"), ("bottom", "top")]
     for t in range(len(PAIR_CAPTIONS)):
         out += [caption_for(_pair(c1, s1, "small", "left", c2, s2, "large", "right"), t) for c1 in COLOURS
@@ -111,9 +116,15 @@ def test_every_caption_fits_context_16() -> None:
 
 def test_sample_meta_matches_caption_and_train_rules() -> None:
     rng = np.random.default_rng(1)
-    n_pairs = 0
+    n_pairs = n_partial = 0
     for _ in range(200):
         image, caption, meta = generate_sample(rng, "train")
+        if meta["partial_caption"]:  # names the shape or the colour, never both
+            n_partial += 1
+            words = caption.split()
+            first = meta["objects"][0]
+            assert meta["n_objects"] == 1 and (first["colour"] in words) != (first["shape"] in words), caption
+            continue
         assert image.size == (64, 64) and image.mode == "RGB"
         json.dumps(meta)
         assert meta["n_objects"] == len(meta["objects"]) in (1, 2)
@@ -130,7 +141,7 @@ def test_sample_meta_matches_caption_and_train_rules() -> None:
         assert classnames()[meta["cls"]] == f"{first['colour']} {first['shape']}"
         assert meta["heldout"] is False and meta["ood"] is False
         assert not any(word in caption for word in (*OOD_FILLS, "striped"))
-    assert 30 <= n_pairs <= 90  # ~30% pairs
+    assert 30 <= n_pairs <= 90 and 15 <= n_partial <= 60  # ~30% pairs, ~17% partial captions
 
 
 def test_eval_samples_cover_heldout() -> None:
@@ -209,7 +220,7 @@ def test_written_dataset_layout(dataset: Path) -> None:
         "eval": {"num_samples": 128, "num_shards": 2},
         "ood": {"num_samples": 64, "num_shards": 1},
     }
-    assert info["name"] == "shapes" and info["version"] == 2 and len(info["heldout"]) == 12
+    assert info["name"] == "shapes" and info["version"] == 3 and len(info["heldout"]) == 12
     assert info["ood_fills"] == list(OOD_FILLS)
     assert [p.name for p in shard_paths(dataset, "train")] == [f"shapes-train-00000{i}.tar" for i in range(3)]
     assert read_lines(dataset / "classnames.txt") == classnames()
@@ -233,7 +244,7 @@ def test_train_split_never_shows_heldout(dataset: Path) -> None:
 
 def test_eval_split_alternates_heldout_and_seen(dataset: Path) -> None:
     metas = [json.loads(s["json"]) for s in read_samples(shard_paths(dataset, "eval"))]
-    assert len(metas) == 128 and all(m["n_objects"] == 1 and not m["ood"] for m in metas)
+    assert len(metas) == 128 and all(m["n_objects"] == 1 and not m["ood"] and not m["partial_caption"] for m in metas)
     assert [m["heldout"] for m in metas] == [i % 2 == 0 for i in range(128)]  # half the split is held-out
     held = Counter(m["cls"] for m in metas if m["heldout"])
     assert len(held) == 12 and max(held.values()) - min(held.values()) <= 1

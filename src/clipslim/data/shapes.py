@@ -5,7 +5,8 @@ stroke width, colour jitter within the named colour) on a random background (fla
 distractor specks and lines and an optional blur, so a model must learn colour and shape rather than one renderer.
 Three splits:
 
-- ``train``: the 52 seen (colour, shape) combinations, ~30% of images with two objects;
+- ``train``: the 52 seen (colour, shape) combinations, ~30% of images with two objects; a quarter of the
+  single-object captions name only the shape or only the colour;
 - ``eval``: single objects, alternating held-out and seen classes (so >= 2,000 held-out images at the default
   size), drawn in the training styles: 12 combinations are never in ``train`` (compositional zero-shot);
 - ``ood``: single objects of all 64 classes drawn with fill styles never used in train or eval (hatched, dotted).
@@ -34,7 +35,7 @@ from tqdm import tqdm
 
 from clipslim.io import atomic_write, atomic_write_json, atomic_write_text
 
-VERSION = 2
+VERSION = 3
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
 SHAPES = ("circle", "square", "triangle", "star", "cross", "hexagon", "diamond", "ring")
 SIZES = ("small", "large")
@@ -105,6 +106,20 @@ PAIR_CAPTIONS: tuple[str, ...] = (
     "a {colour} {shape} next to a {colour2} {shape2}",
     "a {colour} {shape} with a {colour2} {shape2} {where2}",
 )
+# Captions that name only the shape or only the colour, for some single-object training images: real captions leave
+# attributes out, and a caption that names one attribute ties it to the image whatever the other one is, which is
+# what lets a model name a colour-shape combination it has never seen (issue 16: held-out errors were almost all a
+# *seen* shape of the right colour).
+PARTIAL_CAPTIONS: tuple[str, ...] = (
+    "a {shape}",
+    "a {size} {shape} {where}",
+    "a drawing of a {shape}",
+    "a {fill} {shape}",
+    "something {colour}",
+    "a {colour} shape {where}",
+    "a {size} {colour} object",
+)
+PARTIAL_PROB = 0.25
 WHERE = {
     "left": "on the left",
     "right": "on the right",
@@ -328,6 +343,12 @@ def caption_for(objects: Sequence[dict[str, str]], template: int) -> str:
     return _fix_articles(PAIR_CAPTIONS[template].format(**fields))
 
 
+def partial_caption(obj: dict[str, str], template: int) -> str:
+    """A caption naming only the shape or only the colour of one object (PARTIAL_CAPTIONS[template])."""
+    fields = dict(obj, where=WHERE[obj["position"]], fill=FILL_WORDS.get(obj.get("fill", "solid"), ""))
+    return _fix_articles(PARTIAL_CAPTIONS[template].format(**fields))
+
+
 def caption_choices(objects: Sequence[dict[str, str]]) -> list[int]:
     """Template indices usable for these objects: fill words only for the training fills (an ood fill has none)."""
     if len(objects) > 1:
@@ -382,8 +403,12 @@ def generate_sample(
     if isinstance(cls, int):
         cls = (COLOURS[cls // len(SHAPES)], SHAPES[cls % len(SHAPES)])
     objects = _pick_objects(rng, split, cls)
-    choices = caption_choices(objects)
-    caption = caption_for(objects, choices[int(rng.integers(len(choices)))])
+    partial = split == "train" and len(objects) == 1 and bool(rng.random() < PARTIAL_PROB)
+    if partial:
+        caption = partial_caption(objects[0], int(rng.integers(len(PARTIAL_CAPTIONS))))
+    else:
+        choices = caption_choices(objects)
+        caption = caption_for(objects, choices[int(rng.integers(len(choices)))])
     image, style = draw_scene(objects, rng, image_size)
     primary = (objects[0]["colour"], objects[0]["shape"])
     meta = {
@@ -392,6 +417,7 @@ def generate_sample(
         "cls": class_index(*primary),
         "heldout": primary in HELDOUT,
         "ood": split == "ood",
+        "partial_caption": partial,
         "style": style,
     }
     return image, caption, meta
