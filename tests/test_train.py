@@ -190,3 +190,25 @@ def test_consecutive_non_finite_steps_stop_with_the_term_named(tiny_shapes, tmp_
     kept = latest_checkpoint(tmp_path / "run" / "checkpoints")
     assert kept is not None and kept.name == "step_000002"  # the last good checkpoint is intact
     assert all(torch.isfinite(v).all() for v in load_tensors(kept / "model.safetensors").values())
+
+
+@pytest.mark.parametrize("impl", ["fused", "foreach"])
+def test_optimizer_implementations_make_the_same_update(impl):
+    """The default fused AdamW (issue 20) changes speed, not maths: three steps equal the per-tensor loop."""
+    from clipslim.recipe import TrainSection
+    from clipslim.train.loop import make_optimizer
+
+    def run(name: str) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Embedding(50, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 3))
+        opt = make_optimizer(model, TrainSection(optimizer=name, lr=0.05))
+        for step in range(3):
+            opt.zero_grad()
+            model(torch.tensor([[1, 2, step + 3]])).square().mean().backward()
+            opt.step()
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    ref, got = run("loop"), run(impl)
+    assert ref.keys() == got.keys()
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-6)

@@ -54,6 +54,14 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def make_optimizer(module: nn.Module, cfg: TrainSection) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups` with the implementation ``cfg.optimizer`` names (auto: fused)."""
+    impl = {"auto": {"fused": True}, "fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}
+    return torch.optim.AdamW(
+        param_groups(module, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **impl[cfg.optimizer]
+    )
+
+
 def lr_at(step: int, cfg: TrainSection) -> float:
     """Linear warmup to ``lr`` then cosine to zero at ``steps``."""
     if step < cfg.warmup:
@@ -203,9 +211,7 @@ class Trainer:
         self.model = self.built.distiller
         self.forward = wrap_ddp(self.model, self.device)  # DDP also syncs every objective's extras
         self.teacher = teacher_source(self.built)  # online, cached (no teacher forward) or None
-        self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, self.cfg.weight_decay), lr=self.cfg.lr, betas=self.cfg.betas, eps=self.cfg.eps
-        )
+        self.optimizer = make_optimizer(self.model, self.cfg)
         self.precision = make_precision(self.cfg.precision, self.device)
         self.stream = BatchStream(self.built, recipe, self.device, self.env)
         self.metrics = CsvLog(self.run_dir / "metrics.csv")
