@@ -118,6 +118,10 @@ def cmd_deploy(args: argparse.Namespace) -> None:
     from .models import load_model
 
     precisions = list(dict.fromkeys(args.precision + (["int8"] if args.int8 else [])))
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)  # ONNX Runtime sessions take torch's count: a like-for-like race
     report = deploy(
         load_model(args.model), args.out, precisions, data=args.data, repeats=args.repeats,
         batch_sizes=tuple(args.batch_sizes),
@@ -395,6 +399,7 @@ def _add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
     dp.add_argument("--data", help="eval set: zero-shot accuracy of each precision vs fp32 eager (e.g. .data/shapes)")
     dp.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64], help="latency batches (default 1 64)")
     dp.add_argument("--repeats", type=int, default=30, help="timed calls per variant and batch size")
+    dp.add_argument("--threads", type=int, help="torch and ONNX Runtime intra-op threads (default: torch's)")
     dp.set_defaults(fn=cmd_deploy)
 
     rp = sub.add_parser("report", help="accuracy x speed x size table and Pareto plot of teacher and students")

@@ -36,6 +36,7 @@ __all__ = [
     "export_onnx",
     "parity",
     "report_table",
+    "round_ratios",
 ]
 
 
@@ -49,25 +50,44 @@ def _calls(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> dict
 def compare_speed(
     bundle: Any, variants: dict[str, nn.Module], batch: int = 1, repeats: int = 50, warmup: int = 5
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """Per encoder and variant (``eager`` + ``variants``): p50/p95 latency, items/s, p50 ratio to eager.
+    """Per encoder and variant (``eager`` + ``variants``): p50/p95 latency, items/s, and the ratio to eager.
 
-    Variants take turns in 10 rounds of ``repeats / 10`` calls each (see ``interleaved_times``).
+    Variants take turns in 10 rounds of ``repeats / 10`` calls each (see ``interleaved_times``); the ratio is the
+    median over rounds of (variant median / eager median in the same round), with its quartiles as the spread, so a
+    load change between rounds cancels instead of landing on one variant.
     """
     from clipslim.eval.bench import interleaved_times, latency_stats
 
     images, tokens = example_inputs(bundle, batch)
     models = {"eager": bundle.model.eval(), **variants}
     calls = {name: _calls(m, images, tokens) for name, m in models.items()}
+    block = max(1, repeats // 10)
     out: dict[str, dict[str, dict[str, float]]] = {}
     for encoder in ("image", "text"):
         with torch.inference_mode():
-            fns = {n: c[encoder] for n, c in calls.items()}
-            times = interleaved_times(fns, repeats, warmup, block=max(1, repeats // 10))
+            times = interleaved_times({n: c[encoder] for n, c in calls.items()}, repeats, warmup, block=block)
         stats = {name: latency_stats(t, batch) for name, t in times.items()}
-        for s in stats.values():
-            s["ratio_to_eager"] = s["latency_ms_p50"] / stats["eager"]["latency_ms_p50"]
+        for name, s in stats.items():
+            s.update(round_ratios(times[name], times["eager"], block))
         out[encoder] = stats
     return out
+
+
+def round_ratios(times: list[float], reference: list[float], block: int) -> dict[str, float]:
+    """Median and quartiles over rounds of ``median(times) / median(reference)`` within each round of ``block``
+    calls (the order ``interleaved_times`` records them in)."""
+    from statistics import median
+
+    from clipslim.eval.bench import percentile
+
+    rounds = range(0, min(len(times), len(reference)), block)
+    ratios = [median(times[i : i + block]) / median(reference[i : i + block]) for i in rounds]
+    return {
+        "ratio_to_eager": median(ratios),
+        "ratio_p25": percentile(ratios, 25),
+        "ratio_p75": percentile(ratios, 75),
+        "rounds": len(ratios),
+    }
 
 
 def accuracy(bundle: Any, variants: dict[str, nn.Module], data: Any, batch_size: int = 256) -> dict:
@@ -172,8 +192,12 @@ def _row(name: str, report: dict, batches: list[str], acc: dict, info: dict | No
 
 
 def deploy_summary(report: dict[str, Any], out_dir: str | Path) -> str:
-    """What ``clipslim deploy`` prints: the table, the fp16 overflow verdict, where the files are."""
-    lines = [report["table"]]
+    """What ``clipslim deploy`` prints: the table, how its ratios were taken, the fp16 overflow verdict, the files."""
+    lines = [
+        report["table"],
+        f"ms: median latency; × eager: median over rounds of ONNX / eager, timed in turns, {report['threads']} "
+        "thread(s) for torch and ONNX Runtime alike (--threads)",
+    ]
     for tower, v in report["precisions"].get("fp16", {}).get("fp16_overflow", {}).items():
         if v["overflow"]:
             lines.append(

@@ -1,15 +1,18 @@
 """Image and text encoders as ONNX files run with ONNX Runtime, in fp32, fp16 or int8 (dynamic quantisation).
 
-Each encoder is exported on its own (``torch.onnx.export``, the torch.export-based exporter, opset 18) with a
+Each encoder is exported on its own (``torch.onnx.export``, the torch.export-based exporter, opset 20) with a
 dynamic batch axis and returns **L2-normalised** embeddings (``image`` -> ``image_embeds``, ``text`` ->
 ``text_embeds``; "embedding" would clash with the name of the token-embedding node), so a deployment only needs
 ``image_embeds @ text_embeds.T``. The transformer blocks are exported through ``export_graph.OrtBlock`` (same
 weights, a graph ONNX Runtime runs faster). Text input is open_clip token ids (int64, ``[batch, context_length]``).
-fp16 files keep fp32 inputs and outputs (casts inside), so every precision is fed the same way.
+fp16 files keep fp32 inputs and outputs (casts inside), so every precision is fed the same way. Opset 20 because
+it has a ``Gelu`` op: below it GELU exports as Div / Erf / Add / Mul, which ONNX Runtime does not fuse and which
+made its batch-64 latency exceed eager PyTorch's (``docs/LOG.md``, issue 19).
 
 ``OrtClip`` wraps the sessions as a module with ``encode_image`` / ``encode_text``, so the same evaluation code
 that scores a PyTorch model scores the exported one. ``OrtConfig`` holds the session settings the speed benchmark
-sweeps (threads, graph optimisation, execution mode, spinning, I/O binding); its defaults are the measured best.
+sweeps (threads, graph optimisation, execution mode, spinning, I/O binding, memory arena and pattern); its defaults
+are the measured best (``benchmarks/deploy_speed.py``).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 from torch import nn
 
 IMAGE_FILE, TEXT_FILE = "image.onnx", "text.onnx"
-OPSET = 18
+OPSET = 20  # first opset with Gelu
 FP16_MAX = 65504.0
 
 
@@ -141,8 +144,10 @@ class OrtConfig:
     inter_threads: int = 1
     optimization: str = "all"  # disable | basic | extended | all
     parallel: bool = False  # ORT_PARALLEL execution mode (runs independent nodes concurrently)
-    spinning: bool = True  # intra-op threads busy-wait between ops
+    spinning: bool = False  # busy-waiting intra-op threads: 2x slower at batch 64 when another job shares the cores
     io_binding: bool = False  # bind numpy buffers instead of run()'s feed dict
+    mem_arena: bool = True  # CPU memory arena: reuse freed blocks instead of calling malloc
+    mem_pattern: bool = True  # plan activation buffers from the first run's shapes
 
     def session_options(self) -> Any:
         import onnxruntime as ort
@@ -159,6 +164,8 @@ class OrtConfig:
         opts.graph_optimization_level = level
         opts.execution_mode = ort.ExecutionMode.ORT_PARALLEL if self.parallel else ort.ExecutionMode.ORT_SEQUENTIAL
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
+        opts.enable_cpu_mem_arena = self.mem_arena
+        opts.enable_mem_pattern = self.mem_pattern
         opts.log_severity_level = 3  # fp16 graphs log one "inserted cast" warning per node on CPU
         return opts
 
