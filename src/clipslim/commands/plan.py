@@ -31,6 +31,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seconds", type=float, default=2.0, help="timing budget per measurement after a warm-up call")
     p.add_argument("--memory-probe", choices=("trace", "run"), default="trace",
                    help="trace: fake-tensor trace of the step (fast; CPU); run: a real step")  # fmt: skip
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's); 1 stalls less behind other jobs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_plan)
 
@@ -45,8 +46,15 @@ def _count(text: str) -> float:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
+    import torch
+
     from ..workflows.plan import PlanOptions, plan
     from ..workflows.plan_report import plan_table
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
 
     opts = PlanOptions(
         image_size=args.image_size, batch=args.batch, device=args.device, budget_ms=args.budget_ms,
