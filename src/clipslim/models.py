@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,8 +135,11 @@ def _extension(name: str) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
-def load_model(spec: str, device: str | torch.device = "cpu", precision: str = "fp32") -> ClipBundle:
-    """Build a CLIP model from a spec with stock open_clip, with its transforms and tokenizer."""
+def load_model(
+    spec: str, device: str | torch.device = "cpu", precision: str = "fp32", tokenizers: str | None = None
+) -> ClipBundle:
+    """Build a CLIP model from a spec with stock open_clip, with its transforms and tokenizer (a Hugging Face
+    tokenizer is read from ``tokenizers`` or $CLIPSLIM_TOKENIZERS when given, see :func:`load_tokenizer`)."""
     if spec.strip().startswith("hf:"):  # a transformers CLIP folder, converted (deploy/hf.py)
         return _extension("hf_loader")(spec.strip(), device=device, precision=precision)
     resolved = resolve_spec(spec)
@@ -151,9 +155,51 @@ def load_model(spec: str, device: str | torch.device = "cpu", precision: str = "
         _extension("token_pruning")(model, resolved.model_name.removeprefix("local-dir:"))
     model_cfg = folder_cfg.get("model_cfg") or open_clip.get_model_config(resolved.model_name) or {}
     arch = folder_cfg.get("arch", resolved.arch)
-    tokenizer = open_clip.get_tokenizer(resolved.model_name)
+    tokenizer = load_tokenizer(resolved.model_name, model_cfg, tokenizers, spec)
     preprocess_cfg = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
     return ClipBundle(model, pre_train, pre_val, tokenizer, arch, spec, model_cfg, preprocess_cfg)
+
+
+TOKENIZERS_ENV = "CLIPSLIM_TOKENIZERS"
+"""A folder of local Hugging Face tokenizers, ``<folder>/<hf_tokenizer_name>/`` (e.g. ``timm/ViT-B-16-SigLIP/``):
+SigLIP-style configs name a hub tokenizer, which a machine without the hub cannot fetch."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model", "vocab.json")
+
+
+def load_tokenizer(model_name: str, model_cfg: dict[str, Any], tokenizers: str | None = None, spec: str = "") -> Any:
+    """open_clip's tokenizer for a model; one that names a hub tokenizer is read from ``tokenizers`` (or
+    $CLIPSLIM_TOKENIZERS) when set, and a failure is one line naming the tokenizer and how to give a local copy."""
+    text_cfg = model_cfg.get("text_cfg", {})
+    name = text_cfg.get("hf_tokenizer_name")
+    root = tokenizers or os.environ.get(TOKENIZERS_ENV)
+    try:
+        if not name or model_name.startswith("local-dir:") or not root:
+            return open_clip.get_tokenizer(model_name)  # a hub folder carries its tokenizer files itself
+        from open_clip.tokenizer import HFTokenizer
+
+        kwargs = {"context_length": text_cfg.get("context_length", 77), **text_cfg.get("tokenizer_kwargs", {})}
+        folder = str(local_tokenizer_dir(root, name))
+        return HFTokenizer(folder, tokenizer_mode=text_cfg.get("tokenizer_mode"), **kwargs)
+    except ModelSpecError:
+        raise
+    except Exception as err:  # transformers raises OSError/ValueError/... for one cause: files not reachable
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ModelSpecError(
+            f"tokenizer '{name or model_name}' of model '{spec or model_name}' could not be loaded ({reason}): put its "
+            f"files ({', '.join(TOKENIZER_FILES[:2])}) in DIR/{name or '<name>'}/ and pass tokenizers: DIR in the "
+            f"recipe (--set tokenizers=DIR) or set {TOKENIZERS_ENV}=DIR"
+        ) from err
+
+
+def local_tokenizer_dir(root: str | Path, name: str) -> Path:
+    """``root/<name>`` (or ``root/<org>--<repo>``, or ``root`` itself when it holds tokenizer files)."""
+    for folder in (Path(root) / name, Path(root) / name.replace("/", "--"), Path(root)):
+        if any((folder / f).is_file() for f in TOKENIZER_FILES):
+            return folder
+    raise ModelSpecError(
+        f"tokenizer '{name}' not found under {root} (looked for {Path(root) / name}/tokenizer.json): copy the "
+        f"tokenizer's files there, or unset {TOKENIZERS_ENV} / tokenizers to fetch it from the hub"
+    )
 
 
 NORMALISATION_KEYS = ("mean", "std", "interpolation", "resize_mode", "fill_color")

@@ -40,10 +40,14 @@ def encode(model: nn.Module, images: torch.Tensor, texts: torch.Tensor) -> Outpu
 
 
 def embed_dim(model: nn.Module) -> int:
-    """The joint embedding width of an open_clip model (text projection's output, else the image tower's)."""
-    proj = getattr(model, "text_projection", None)
+    """The joint embedding width of an open_clip model (text projection's output, else a tower's ``output_dim``)."""
+    text = getattr(model, "text", model)  # CustomTextCLIP (timm / HF towers) keeps the projection in its text tower
+    proj = getattr(text, "text_projection", None)
     if isinstance(proj, nn.Parameter):
         return proj.shape[1]
     if isinstance(proj, nn.Linear):
         return proj.out_features
-    return int(model.visual.output_dim)
+    dim = getattr(text, "output_dim", None) or getattr(model.visual, "output_dim", None)
+    if dim is None:
+        raise ValueError(f"cannot tell the embedding width of {type(model).__name__}")
+    return int(dim)

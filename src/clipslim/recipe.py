@@ -224,6 +224,9 @@ class Recipe:
     train: TrainSection = field(default_factory=TrainSection)
     tokens: TokenSection | None = None
     """Training-time token compression (patch dropout / patch scaling) on a schedule; see clipslim.tokens."""
+    tokenizers: str | None = None
+    """Folder of local Hugging Face tokenizers, ``<folder>/<hf_tokenizer_name>/`` (e.g. a SigLIP teacher's
+    ``timm/ViT-B-16-SigLIP/``), for machines without the hub; default: $CLIPSLIM_TOKENIZERS, else the hub."""
     overrides: list[str] = field(default_factory=list)
     """The ``--set`` overrides this recipe was loaded with: a record of how the run differs from the file."""
     stages: list[StageSection] = field(default_factory=list)

@@ -8,6 +8,12 @@ Several teachers (MobileCLIP's ensemble): the teacher embedding is the concatena
 ``teacher_slices`` says each one's size. Each slice is re-L2-normalised, gets its own scale, and the K softmax
 targets are averaged *after* the softmax (``--distill-average-after-softmax``), not the logits.
 
+A sigmoid teacher (SigLIP: logits τ_t I Tᵀ + b, trained with a pairwise sigmoid loss) gives the same kind of target:
+the row softmax of its logits, i.e. its image→text and text→image ranking of the batch. The bias b is one constant
+per matrix, so it cancels in the softmax and is ignored; with ``teacher_scale: null`` the SigLIP's own learned scale
+τ_t (≈ 10 at init, ≈ 100+ trained) sets the sharpness, otherwise the fixed scale does. The teacher's per-pair
+sigmoid probabilities are not used: a softmax student is taught the teacher's ranking, not its calibration.
+
 With ``positives:`` (see :mod:`clipslim.objectives.positives`) the teacher's probability mass on each query's mined
 positives is shared evenly among them: a positive the teacher ranks low is no longer taught as a near-negative, the
 negatives keep the teacher's values, and a query without other positives keeps the plain target.

@@ -84,14 +84,15 @@ def pick_device(name: str) -> torch.device:
 def build_student(recipe: Recipe, teacher: ClipBundle | None) -> tuple[ClipBundle, dict | None]:
     init = recipe.student.init
     if init == "random" or recipe.student.inherits:
-        student = load_model(recipe.student.arch)
+        student = load_model(recipe.student.arch, tokenizers=recipe.tokenizers)
     else:
-        student = load_model(init)
+        student = load_model(init, tokenizers=recipe.tokenizers)
         if student.arch != recipe.student.arch:
             log.warning("student.init %s has arch %s, not %s", init, student.arch, recipe.student.arch)
     report = None
     if recipe.student.inherits:
-        source = load_model(recipe.student.inherit_from) if recipe.student.inherit_from else teacher
+        inherit_from = recipe.student.inherit_from
+        source = load_model(inherit_from, tokenizers=recipe.tokenizers) if inherit_from else teacher
         assert source is not None
         report = _inherit(recipe, source, student)
         if recipe.student.preprocess == "teacher":
@@ -132,7 +133,7 @@ def build(recipe: Recipe, device: torch.device) -> Built:
         raise ConfigError("stages: a multi-stage recipe runs with `clipslim stages` (clipslim.inherit.run_stages)")
     cached = recipe.data.teacher_cache is not None
     load_teacher = recipe.teacher and (not cached or (recipe.student.inherits and not recipe.student.inherit_from))
-    teacher = load_model(recipe.teacher) if load_teacher else None
+    teacher = load_model(recipe.teacher, tokenizers=recipe.tokenizers) if load_teacher else None
     student, report = build_student(recipe, teacher)
     cache = _open_cache(recipe, student, teacher) if cached else None
     teacher = None if cached else teacher  # cached mode: loaded only to inherit from, never run
@@ -169,7 +170,7 @@ def _open_cache(recipe: Recipe, student: ClipBundle, teacher: ClipBundle | None)
         teacher=recipe.teacher,
     )  # fmt: skip
     if teacher is None and recipe.teacher:  # named but not needed to inherit: loaded once, only for this check
-        teacher = load_model(recipe.teacher)
+        teacher = load_model(recipe.teacher, tokenizers=recipe.tokenizers)
     if teacher is not None:
         check_teacher_weights(cache, teacher.model)
     return cache
