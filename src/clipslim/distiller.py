@@ -9,6 +9,7 @@ embeddings.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -33,7 +34,11 @@ class OnlineTeacher:
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, Any]) -> Outputs:
-        return encode(self.model, batch[self.image_key], batch[self.text_key])
+        dtype = next(self.model.parameters()).dtype  # a teacher kept in bf16/fp16 (train.teacher_precision)
+        out = encode(self.model, batch[self.image_key].to(dtype), batch[self.text_key])
+        if dtype != torch.float32:
+            out.image, out.text, out.logit_scale = out.image.float(), out.text.float(), out.logit_scale.float()
+        return out
 
 
 class CachedTeacher:
@@ -83,8 +88,16 @@ class Distiller(nn.Module):
     def needs_teacher(self) -> bool:
         return any(type(obj).reads_teacher(obj.cfg) for obj in self.objectives.values())
 
-    def forward(self, batch: dict[str, Any], teacher: Outputs | None = None) -> dict[str, torch.Tensor]:
-        local = encode(self.student, batch["image"], batch["text"])
+    def encode_batch(self, batch: dict[str, Any]) -> Outputs:
+        """The student's outputs for a batch (or a micro-batch)."""
+        return encode(self.student, batch["image"], batch["text"])
+
+    def forward(
+        self, batch: dict[str, Any], teacher: Outputs | None = None, splice: Callable | None = None
+    ) -> dict[str, torch.Tensor]:
+        """``splice`` (gradient accumulation, see clipslim.train.accum) makes the student's outputs of the whole
+        batch from :meth:`encode_batch` of one micro-batch plus cached rows."""
+        local = self.encode_batch(batch) if splice is None else splice(self.encode_batch)
         student = gather_outputs(local, self.local_loss)  # under torchrun: the global batch, with gradient
         teacher = gather_outputs(teacher)
         out: dict[str, torch.Tensor] = {}

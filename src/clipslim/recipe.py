@@ -147,6 +147,13 @@ class TrainSection:
     off); a sudden 10x loss jump is reported too (see clipslim.train.guard)."""
     local_loss: bool = False
     """Under torchrun: contrastive terms use local queries × global keys (same gradients, less memory)."""
+    accum_freq: int = 1
+    """Split each batch into this many micro-batches but keep the whole batch in every contrastive term (open_clip's
+    accum_freq: embeddings cached without grad, each micro-batch recomputed with grad; see clipslim.train.accum)."""
+    grad_checkpointing: bool = False
+    """Recompute the student's activations in the backward pass (open_clip set_grad_checkpointing): less memory."""
+    teacher_precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Keep the frozen teacher's weights in this dtype (bf16/fp16 halve its memory; meant for a GPU)."""
 
     def validate(self, where: str) -> None:
         for name in ("steps", "batch_size", "log_every", "save_every", "keep_checkpoints", "max_bad_steps"):
@@ -166,6 +173,8 @@ class TrainSection:
             raise ConfigError(f"{where}.lr: must be a finite number <= 10, got {self.lr}")
         if not 0.0 <= self.max_bad_step_fraction <= 1.0 or self.divergence_steps < 0:
             raise ConfigError(f"{where}.max_bad_step_fraction/divergence_steps: must be in [0, 1] / >= 0")
+        if self.accum_freq < 1 or self.batch_size % self.accum_freq:
+            raise ConfigError(f"{where}.accum_freq: must be >= 1 and divide batch_size {self.batch_size}")
         if not DEVICE.fullmatch(self.device):
             raise ConfigError(f"{where}.device: expected auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
 

@@ -29,8 +29,10 @@ from ..distributed import DistEnv, broadcast_flag, cleanup, env_from_torchrun, i
 from ..hooks import StepContext
 from ..io import WriteError, atomic_write_json, atomic_write_text, ensure_dir, read_mapping, write_periodic
 from ..recipe import Recipe, TrainSection, recipe_changes, recipe_to_yaml
+from .accum import accumulated_backward
 from .checkpoint import latest_checkpoint, no_checkpoint, resume_checkpoint, save_checkpoint
 from .guard import DivergenceGuard
+from .memory import apply_memory_options
 from .metrics_log import CsvLog
 from .setup import Built, build, pick_device, teacher_source
 
@@ -208,6 +210,7 @@ class Trainer:
         seed_everything(self.cfg.seed)
         self.built = build(recipe, self.device)
         self.summary = self.built.summary(recipe)
+        apply_memory_options(self.built, self.cfg, self.device)  # after the summary: it hashes fp32 teacher weights
         self.model = self.built.distiller
         self.forward = wrap_ddp(self.model, self.device)  # DDP also syncs every objective's extras
         self.teacher = teacher_source(self.built)  # online, cached (no teacher forward) or None
@@ -274,12 +277,16 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
-        with self.precision.autocast():
-            teacher_out = self.teacher(batch) if self.teacher is not None else None
-            out = self.forward(batch, teacher_out)
-        loss = out["loss"]
         scaler = self.precision.scaler
-        (scaler.scale(loss) if scaler else loss).backward()  # even when non-finite: DDP ranks must stay in step
+        if self.cfg.accum_freq > 1:  # the whole contrastive batch in micro-batches (train/accum.py)
+            k, autocast = self.cfg.accum_freq, self.precision.autocast
+            out = accumulated_backward(self.forward, self.model, self.teacher, batch, k, autocast, scaler)
+        else:
+            with self.precision.autocast():
+                teacher_out = self.teacher(batch) if self.teacher is not None else None
+                out = self.forward(batch, teacher_out)
+            (scaler.scale(out["loss"]) if scaler else out["loss"]).backward()  # even non-finite: DDP ranks in step
+        loss = out["loss"]
         if scaler:
             scaler.unscale_(self.optimizer)
         clip = self.cfg.grad_clip or float("inf")
