@@ -33,6 +33,7 @@ def _grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return grads
 
 
+@pytest.mark.slow
 def test_accumulation_equals_the_big_batch():
     k = 4  # micro-batches of 2
     distiller, teacher, batch = _distiller(sorted(ACCUM_OBJECTIVES))
@@ -48,6 +49,7 @@ def test_accumulation_equals_the_big_batch():
         torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
+@pytest.mark.slow
 def test_trainer_step_with_accumulation_and_checkpointing_matches(tiny_recipe, tmp_path):
     outs = []
     for i, extra in enumerate([{}, {"accum_freq": 4, "grad_checkpointing": True}]):
