@@ -16,7 +16,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("train",),
     ("inherit", "tokens", "proto", "objectives", "slimmable", "prompt", "distiller", "recipe"),
     ("eval", "data", "deploy", "distributed"),
-    ("outputs", "registry", "models", "io", "config", "export", "plots", "hooks"),
+    ("outputs", "registry", "models", "io", "config", "export", "plots", "hooks", "attention"),
 ]
 
 

@@ -127,6 +127,9 @@ class TrainSection:
     optimizer: Literal["auto", "fused", "foreach", "loop"] = "auto"
     """AdamW implementation (same update rule): auto picks the fused kernel, 5-6x faster than the per-tensor loop on
     the demo student whose 49408-row token embedding is most of its parameters (docs/LOG.md, issue 20)."""
+    fast_attention: bool = True
+    """Run open_clip's self-attention batch-first with one q/k/v GEMM (same parameters and maths, see
+    clipslim.attention); false keeps nn.MultiheadAttention's own path."""
     grad_clip: float | None = 1.0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto: bf16 autocast on a GPU that has it (else fp16 + loss scaling), fp32 on CPU."""

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..attention import use_fast_attention
 from ..config import ConfigError
 from ..data.views import ModelView, Tokenizers, Views, model_view
 from ..distiller import CachedTeacher, Distiller, OnlineTeacher
@@ -145,6 +146,10 @@ def build(recipe: Recipe, device: torch.device) -> Built:
         if hasattr(objective, "attach"):  # e.g. l0_sparsity: masks that gate the student's own forward
             objective.attach(student.model)
     distiller = distiller.to(device)
+    if recipe.train.fast_attention:
+        for bundle in (student, teacher):
+            if bundle is not None:
+                use_fast_attention(bundle.model)
     if teacher is not None and not distiller.needs_teacher and recipe.student.init != "inherit":
         log.info("teacher is not used by any objective; it will not run during training")
     hooks: list[StepHook] = [obj for obj in distiller.objectives.values() if isinstance(obj, StepHook)]
