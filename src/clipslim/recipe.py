@@ -136,6 +136,9 @@ class TrainSection:
     device: str = "auto"
     seed: int = 0
     log_every: int = 10
+    mfu: bool = True
+    """Log model FLOPs utilisation: an ``mfu`` column in metrics.csv and run.mfu in results.json (the first step's
+    FLOPs counted as it runs, which changes no weight, and a ~0.5 s matmul-peak probe at start)."""
     save_every: int = 100
     keep_checkpoints: int = 2
     eval_every: int = 0

@@ -29,9 +29,9 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_leaves
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from tqdm import tqdm
 
+from clipslim.eval.mfu import flop_counter
 from clipslim.models import ClipBundle, count_params, load_model
 
 BATCH_SIZES = (1, 64)
@@ -122,16 +122,6 @@ class TrafficCounter(TorchDispatchMode):
         return out
 
 
-def _sdpa_flops(
-    query_shape: Sequence[int], key_shape: Sequence[int], value_shape: Sequence[int], *_: Any, **__: Any
-) -> int:
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-# FlopCounterMode knows the CUDA attention kernels but not the CPU one, which would count attention as free.
-EXTRA_FLOP_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
-
-
 def count_cost(fn: Callable[[], Any], module: nn.Module | None = None) -> tuple[int, int]:
     """(FLOPs, bytes moved) of one call; FLOPs of matmuls, convolutions and attention.
 
@@ -142,7 +132,7 @@ def count_cost(fn: Callable[[], Any], module: nn.Module | None = None) -> tuple[
     if module is not None:
         module.train()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS) as flops, traffic:
+        with torch.no_grad(), flop_counter() as flops, traffic:
             fn()
     finally:
         if module is not None:

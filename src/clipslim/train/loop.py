@@ -14,7 +14,7 @@ import random
 import signal
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ..config import ConfigError, RunError
 from ..distributed import DistEnv, broadcast_flag, cleanup, env_from_torchrun, init_distributed, wrap_ddp
+from ..eval.mfu import MfuMeter
 from ..hooks import StepContext
 from ..io import WriteError, atomic_write_json, atomic_write_text, ensure_dir, read_mapping, write_periodic
 from ..recipe import Recipe, TrainSection, recipe_changes, recipe_to_yaml
@@ -179,6 +180,7 @@ class _StopFlag:
 class Precision:
     autocast: Any
     scaler: torch.amp.GradScaler | None
+    dtype: torch.dtype = torch.float32  # of the matmuls: the MFU's peak is measured in it
 
 
 def make_precision(name: str, device: torch.device) -> Precision:
@@ -186,7 +188,7 @@ def make_precision(name: str, device: torch.device) -> Precision:
         return Precision(contextlib.nullcontext, None)
     dtype = torch.bfloat16 if name == "bf16" or (name == "auto" and torch.cuda.is_bf16_supported()) else torch.float16
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    return Precision(lambda: torch.autocast("cuda", dtype=dtype), scaler)
+    return Precision(lambda: torch.autocast("cuda", dtype=dtype), scaler, dtype)
 
 
 class Trainer:
@@ -223,6 +225,7 @@ class Trainer:
             self.metrics.rows, self.evals.rows = [], []
         self.step = 0
         self.bad_steps, self.bad_streak = 0, 0
+        self.mfu_meter: MfuMeter | None = None  # made when the loop starts: the peak probe is for runs that train
         self.guard = DivergenceGuard(
             self.cfg.batch_size * self.env.world_size, self.cfg.warmup, self.cfg.divergence_steps, self.cfg.lr
         )
@@ -414,6 +417,7 @@ class Trainer:
         tick, pairs = time.perf_counter(), 0
         if self.cfg.eval_every and self.step == 0:
             self.evaluate()  # the starting point: what inheritance alone gives
+        measured = self._start_mfu()
         while self.step < self.cfg.steps:
             if broadcast_flag(stop.requested):  # a signal to any rank stops all of them at the same step
                 stop.requested = True
@@ -422,7 +426,8 @@ class Trainer:
                 ctx = self.step_context()
                 for hook in self.built.hooks:
                     hook.before_step(ctx)
-            out = self.train_step(self.stream.next())
+            with measured():
+                out = self.train_step(self.stream.next())
             self.step += 1
             self._count_bad(out)
             self._watch(out)
@@ -431,6 +436,7 @@ class Trainer:
                 rate = pairs / max(time.perf_counter() - tick, 1e-9)
                 tick, pairs = time.perf_counter(), 0
                 row = {"step": self.step, "epoch": self.stream.epoch, "pairs_per_s": round(rate, 1), **_terms(out)}
+                row.update(self._mfu_column())
                 write_periodic(lambda row=row: self.metrics.append(row), f"metrics.csv row at step {self.step}")
                 bar.set_postfix(loss=f"{row['loss']:.4f}", pairs_s=f"{rate:.0f}")
             if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.cfg.steps:
@@ -438,6 +444,16 @@ class Trainer:
             if self.step % self.cfg.save_every == 0 and self.step < self.cfg.steps and not self.bad_streak:
                 self.save(required=False)
             bar.update(1)
+
+    def _start_mfu(self) -> Callable[[], contextlib.AbstractContextManager[None]]:
+        """A context for each step; the matmul peak is probed here, once, so that only runs that train pay for it."""
+        if self.cfg.mfu and self.env.is_main:
+            self.mfu_meter = MfuMeter(self.device, self.precision.dtype)
+        return self.mfu_meter.step if self.mfu_meter else contextlib.nullcontext
+
+    def _mfu_column(self) -> dict[str, float]:
+        value = self.mfu_meter.take() if self.mfu_meter else None
+        return {} if value is None else {"mfu": value}
 
     def _watch(self, out: dict[str, torch.Tensor]) -> None:
         """Feed the divergence guard (main process only); a finding is one warning line, kept for results.json."""
@@ -474,7 +490,7 @@ class Trainer:
             extra={"recipe": self.recipe.name, "step": self.step, "teacher": _provenance(self.summary["teacher"])},
         )  # fmt: skip
         results: dict[str, Any] = {"recipe": self.recipe.name, "steps": self.step, **count_params(b.model).as_dict()}
-        results["run"] = self.summary
+        results["run"] = self.summary | ({"mfu": self.mfu_meter.summary()} if self.mfu_meter else {})
         results["skipped"] = self.stream.skipped
         results["bad_steps"] = self.bad_steps
         results["warnings"] = self.guard.messages
