@@ -11,6 +11,7 @@ import json
 import torch
 from torch import nn
 
+from clipslim.cli import main
 from clipslim.eval.mfu import count_flops, flop_counter, matmul_peak
 from clipslim.io import load_tensors
 from clipslim.recipe import recipe_from_dict
@@ -75,3 +76,17 @@ def test_mfu_column_logged_and_weights_unchanged(tiny_recipe, tmp_path):
     stored = json.loads((tmp_path / "on" / "results.json").read_text())["run"]["mfu"]
     assert stored == on["run"]["mfu"] and stored["flops_per_step"] > 0 and stored["matmul_peak_flops_per_s"] > 0
     assert stored["timed_steps"] == 3  # the counted first step is not timed
+
+
+def test_cli_bench_train_step_line_and_json(tiny_shapes, tmp_path, capsys):
+    recipe, out = tmp_path / "r.yaml", tmp_path / "bench.json"
+    recipe.write_text(
+        f"name: step\nstudent: {{arch: tiny-student}}\ndata: {{train: {tiny_shapes / 'train'}, num_workers: 0}}\n"
+        "objectives: {clip: 1.0}\ntrain: {batch_size: 8}\n"
+    )
+    assert main(["bench", "--train", str(recipe), "--quick", "--repeats", "2", "--out", str(out)]) == 0
+    step = json.loads(out.read_text())["train_step"]
+    assert step["flops_per_step"] == _hand_count_tiny_student_step(8) and step["batch_size"] == 8
+    assert step["mfu"] > 0 and step["mfu_with_data"] > 0 and step["matmul_peak_flops_per_s"] > 0
+    assert "MFU" in capsys.readouterr().out
+    assert main(["bench"]) != 0 and "give --model and/or --train" in capsys.readouterr().err

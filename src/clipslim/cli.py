@@ -101,16 +101,36 @@ def _write_eval(out: Path, spec: str, dataset: str, res: dict, extra: dict) -> N
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from .eval.bench import bench_models, bench_table, plot_roofline
+    from .eval.bench import bench_models, bench_table, machine_info, plot_roofline
     from .io import atomic_write_json
 
-    result = bench_models(args.model, args.device, args.batch_sizes, quick=args.quick, repeats=args.repeats)
+    if not args.model and not args.train:
+        raise ConfigError("bench: nothing to measure; give --model and/or --train RECIPE")
+    result = machine_info(args.device)
+    if args.model:
+        result = bench_models(args.model, args.device, args.batch_sizes, quick=args.quick, repeats=args.repeats)
+    if args.train:
+        result["train_step"] = _bench_train_step(args)
     if args.out:
         atomic_write_json(args.out, result)
-    print(bench_table(result))
-    if args.plot:
+    if args.model:
+        print(bench_table(result))
+    if args.train:
+        from .train.step_bench import train_step_line
+
+        print(train_step_line(result["train_step"]))
+    if args.plot and args.model:
         png = plot_roofline(result, (args.out.parent if args.out else Path(".")) / "roofline.png")
         print(f"roofline: {png}")
+
+
+def _bench_train_step(args: argparse.Namespace) -> dict[str, Any]:
+    from .recipe import load_recipe
+    from .train.step_bench import bench_train_step
+
+    recipe = load_recipe(resolve_recipe(args.train), args.set)
+    repeats = args.repeats or (3 if args.quick else 5)
+    return bench_train_step(recipe, args.device, repeats=repeats, warmup=1 if args.quick else 2)
 
 
 def cmd_deploy(args: argparse.Namespace) -> None:
@@ -378,7 +398,9 @@ def _add_inherit_parsers(sub: argparse._SubParsersAction) -> None:
 def _add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
     """bench, deploy and report: speed, deployment runtimes, and the accuracy x speed x size report."""
     b = sub.add_parser("bench", help="params, FLOPs, images/s and captions/s, latency, memory, roofline")
-    b.add_argument("--model", action="append", required=True, help="model spec; repeat to compare several")
+    b.add_argument("--model", action="append", default=[], help="model spec; repeat to compare several")
+    b.add_argument("--train", metavar="RECIPE", help="also time the recipe's training step: FLOPs/step and MFU")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for --train's recipe")
     b.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     b.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64], help="latency and throughput batches")
     b.add_argument("--out", type=Path, help="JSON with every number (machine peaks, per model and batch size)")
