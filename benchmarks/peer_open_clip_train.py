@@ -13,8 +13,9 @@ Each tool reports its own per-step wall time (clipslim: metrics.csv at log_every
 every run (start-up, allocator warm-up) are dropped. ``speedup`` = open_clip_train median step / clipslim median
 step, with each round's paired ratio and a 95% t-interval over rounds.
 
-    python benchmarks/peer_open_clip_train.py                 # 5 rounds x 40 steps, ~10 min on 2 cores
-    python benchmarks/peer_open_clip_train.py --rounds 3 --steps 30 --set train.optimizer=loop   # one change alone
+    python benchmarks/peer_open_clip_train.py       # 5 rounds x 40 steps, ~5 min on 2 cores
+    python benchmarks/peer_open_clip_train.py --variant before=train.optimizer=loop,train.fast_attention=false \\
+        --variant fused_only=train.fast_attention=false    # each change alone, in the same rounds
 """
 
 from __future__ import annotations
@@ -72,7 +73,18 @@ def prepare(work: Path, steps: int) -> dict[str, Path]:
     """Teacher and student folders (exported once), the CSV and the peer's site folder with pandas."""
     teacher, student = work / "teacher", work / "student"
     if not (teacher / "open_clip_config.json").is_file():
-        sh([str(BIN / "clipslim"), "export", "--model", "shapes-teacher:demo", "--out", str(teacher), "--dtype", "fp32"])
+        sh(
+            [
+                str(BIN / "clipslim"),
+                "export",
+                "--model",
+                "shapes-teacher:demo",
+                "--out",
+                str(teacher),
+                "--dtype",
+                "fp32",
+            ]
+        )
     if not (student / "open_clip_config.json").is_file():
         sh([str(BIN / "clipslim"), "inherit", "--teacher", "shapes-teacher:demo", "--student", "shapes-student-50",
             "--out", str(student)])  # fmt: skip
@@ -131,54 +143,83 @@ def interval(ratios: list[float]) -> list[float]:
     return [round(mean - half, 3), round(mean + half, 3)]
 
 
+def parse_variants(specs: list[str]) -> dict[str, list[str]]:
+    """``NAME=KEY=VALUE[,KEY=VALUE]`` -> {NAME: overrides}; clipslim's defaults always run as ``clipslim``."""
+    variants: dict[str, list[str]] = {"clipslim": []}
+    for spec in specs:
+        name, _, sets = spec.partition("=")
+        variants[name] = [s for s in sets.split(",") if s]
+    return variants
+
+
+def one_round(r: int, args: argparse.Namespace, paths: dict[str, Path], variants: dict[str, list[str]]) -> dict:
+    """Every tool and variant once, in an order rotated by the round index; per-step medians and wall times."""
+    tools = ["open_clip_train", *variants]
+    tools = tools[r % len(tools) :] + tools[: r % len(tools)]
+    got: dict[str, float] = {}
+    for tool in tools:
+        out = args.work / "runs" / f"{tool}-{r}"
+        sh(["rm", "-rf", str(out)])
+        t0 = time.perf_counter()
+        if tool == "open_clip_train":
+            times = run_peer(paths, out, args.threads)
+        else:
+            times = run_clipslim(paths, out, args.steps, args.threads, args.overrides + variants[tool])
+        if len(times) < args.skip + 3:
+            sys.exit(f"{tool}: only {len(times)} step times parsed from round {r}")
+        got[tool] = statistics.median(times[args.skip :])
+        got[f"{tool}_wall_s"] = round(time.perf_counter() - t0, 1)
+    return got
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=5, help="A/B rounds, order alternating (default 5)")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds, tool order rotating (default 5)")
     ap.add_argument("--steps", type=int, default=40, help="training steps per run (default 40)")
     ap.add_argument("--skip", type=int, default=8, help="first steps of each run left out (default 8)")
     ap.add_argument("--threads", type=int, default=1, help="torch/OMP threads for both tools (default 1)")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "peer", help="scratch folder (default runs/peer)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], help="clipslim recipe override")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="clipslim override, every variant")
+    ap.add_argument(
+        "--variant", action="append", default=[], metavar="NAME=KEY=VALUE[,KEY=VALUE]",
+        help="another clipslim configuration run in the same rounds, e.g. before=train.optimizer=loop",
+    )  # fmt: skip
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "peer_open_clip_train.json")
     args = ap.parse_args()
     paths = prepare(args.work, args.steps)
+    variants = parse_variants(args.variant)
     rows: list[dict[str, float]] = []
     for r in range(args.rounds):
-        order = ["clipslim", "open_clip_train"] if r % 2 == 0 else ["open_clip_train", "clipslim"]
-        got: dict[str, float] = {}
-        for tool in order:
-            out = args.work / "runs" / f"{tool}-{r}"
-            sh(["rm", "-rf", str(out)])
-            t0 = time.perf_counter()
-            times = (run_clipslim(paths, out, args.steps, args.threads, args.overrides) if tool == "clipslim"
-                     else run_peer(paths, out, args.threads))  # fmt: skip
-            if len(times) < args.skip + 3:
-                sys.exit(f"{tool}: only {len(times)} step times parsed from round {r}")
-            got[tool] = statistics.median(times[args.skip :])
-            got[f"{tool}_wall_s"] = round(time.perf_counter() - t0, 1)
-        got["ratio"] = got["open_clip_train"] / got["clipslim"]
-        rows.append(got)
-        print(f"round {r}: clipslim {got['clipslim']:.3f} s/step, open_clip_train {got['open_clip_train']:.3f}"
-              f" s/step, speedup {got['ratio']:.3f}", flush=True)  # fmt: skip
-    write(args, rows)
+        rows.append(one_round(r, args, paths, variants))
+        line = ", ".join(f"{t} {rows[-1][t]:.3f}" for t in ["open_clip_train", *variants])
+        print(f"round {r} (s/step): {line}", flush=True)
+    write(args, rows, variants)
 
 
-def write(args: argparse.Namespace, rows: list[dict[str, float]]) -> None:
-    med = {t: statistics.median(r[t] for r in rows) for t in ("clipslim", "open_clip_train")}
-    ratios = [r["ratio"] for r in rows]
+def variant_summary(rows: list[dict[str, float]], name: str, overrides: list[str]) -> dict:
+    peer = statistics.median(r["open_clip_train"] for r in rows)
+    mine = statistics.median(r[name] for r in rows)
+    ratios = [r["open_clip_train"] / r[name] for r in rows]
+    return {
+        "overrides": overrides, "median_step_s": round(mine, 4), "speedup": round(peer / mine, 3),
+        "round_ratios": [round(x, 3) for x in ratios], "ratio_spread": [round(min(ratios), 3), round(max(ratios), 3)],
+        "ratio_ci95": interval(ratios),
+    }  # fmt: skip
+
+
+def write(args: argparse.Namespace, rows: list[dict[str, float]], variants: dict[str, list[str]]) -> None:
+    per_variant = {name: variant_summary(rows, name, args.overrides + sets) for name, sets in variants.items()}
     result = {
         "job": "demo 50% student from shapes-teacher:demo, clip + distill loss, CSV of 64 px PNGs, batch 128, fp32",
         "threads": args.threads, "steps_per_run": args.steps, "skipped_steps": args.skip, "rounds": args.rounds,
-        "overrides": args.overrides, "torch": torch.__version__, "cpus": os.cpu_count(),
-        "load_avg_at_end": os.getloadavg(),
-        "median_step_s": {k: round(v, 4) for k, v in med.items()},
-        "speedup": round(med["open_clip_train"] / med["clipslim"], 3),
-        "round_ratios": [round(x, 3) for x in ratios], "ratio_spread": [round(min(ratios), 3), round(max(ratios), 3)],
-        "ratio_ci95": interval(ratios), "rounds_detail": rows,
+        "torch": torch.__version__, "cpus": os.cpu_count(), "load_avg_at_end": os.getloadavg(),
+        "open_clip_train_median_step_s": round(statistics.median(r["open_clip_train"] for r in rows), 4),
+        "speedup": per_variant["clipslim"]["speedup"], "variants": per_variant, "rounds_detail": rows,
     }  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("median_step_s", "speedup", "ratio_spread", "ratio_ci95")}))
+    keys = ("speedup", "ratio_spread", "ratio_ci95")
+    print(json.dumps({name: {k: v[k] for k in keys} for name, v in per_variant.items()}))
 
 
 if __name__ == "__main__":
