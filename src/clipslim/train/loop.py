@@ -59,10 +59,10 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]
 
 def make_optimizer(module: nn.Module, cfg: TrainSection) -> torch.optim.AdamW:
     """AdamW over :func:`param_groups` with the implementation ``cfg.optimizer`` names (auto: fused)."""
-    impl = {"auto": {"fused": True}, "fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}
-    return torch.optim.AdamW(
-        param_groups(module, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **impl[cfg.optimizer]
-    )
+    impl = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}.get(cfg.optimizer)
+    if impl is None:  # auto: the fused kernel where torch has one (CPU, CUDA), torch's own default elsewhere
+        impl = {"fused": True} if {p.device.type for p in module.parameters()} <= {"cpu", "cuda"} else {}
+    return torch.optim.AdamW(param_groups(module, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **impl)
 
 
 def lr_at(step: int, cfg: TrainSection) -> float:
