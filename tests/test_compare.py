@@ -117,3 +117,20 @@ def test_compare_skips_finished_runs_resumes_and_refuses_a_changed_recipe(compar
         run_compare(recipes, compared, seeds=2, overrides=_overrides(tiny_shapes, steps=4), progress=False)
     with pytest.raises(ConfigError, match="given twice"):
         run_compare([recipes[0], recipes[0]], compared, seeds=1, progress=False)
+
+
+def test_summary_table_shows_each_recipes_mean_and_paired_delta_marking_ties() -> None:
+    from clipslim.workflows.compare import summary_table
+
+    base = {"metrics": {"heldout_acc1": {"mean": 0.10, "n": 3, "ci95": [0.05, 0.15]}}}
+    better = {
+        "metrics": {"heldout_acc1": {"mean": 0.30, "n": 3}, "seen_acc1": {"mean": 0.5, "n": 3}},
+        "paired": {
+            "heldout_acc1": {"mean": 0.20, "n": 3, "ci95": [0.10, 0.30], "tie": False},
+            "seen_acc1": {"mean": 0.01, "n": 3, "ci95": [-0.02, 0.04], "tie": True},
+        },
+    }
+    lines = summary_table({"recipes": {"a": base, "b": better}})
+    assert lines[0] == "| recipe | heldout_acc1 | seen_acc1 |"
+    assert lines[2] == "| a | 10.0 |  |"
+    assert lines[3] == "| b | 30.0 (Δ +20.0 [+10.0, +30.0]) | 50.0 (Δ +1.0 [-2.0, +4.0], tie) |"

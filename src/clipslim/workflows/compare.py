@@ -35,6 +35,14 @@ METRICS: dict[str, tuple[str, str]] = {
     "text_retrieval_class_recall@1": ("retrieval", "text_retrieval_class_recall@1"),
 }
 TIE = "not significant (tie)"
+# the columns of compare.md's one-glance summary table (the per-metric tables below it have every metric)
+SUMMARY_METRICS = (
+    "heldout_acc1",
+    "seen_acc1",
+    "ood_acc1",
+    "image_retrieval_class_recall@1",
+    "text_retrieval_class_recall@1",
+)
 TrainFn = Callable[..., dict[str, Any]]
 
 
@@ -174,8 +182,29 @@ def _verdict(paired: dict[str, Any]) -> str:
     return "higher" if paired["mean"] > 0 else "lower"
 
 
+def _summary_cell(r: dict[str, Any], metric: str) -> str:
+    iv, paired = r["metrics"].get(metric), (r.get("paired") or {}).get(metric)
+    if iv is None:
+        return ""
+    mean = f"{100 * iv['mean']:.1f}"
+    if paired is None:
+        return mean
+    tie = ", tie" if paired["tie"] else ""
+    return f"{mean} (Δ {_pct(paired, signed=True)}{tie})"
+
+
+def summary_table(summary: dict[str, Any]) -> list[str]:
+    """One row per recipe: the mean of each headline metric and its paired Δ vs the baseline, ties marked."""
+    cols = [m for m in SUMMARY_METRICS if any(m in r["metrics"] for r in summary["recipes"].values())]
+    lines = ["| recipe | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, r in summary["recipes"].items():
+        lines.append(f"| {name} | " + " | ".join(_summary_cell(r, m) for m in cols) + " |")
+    return lines
+
+
 def to_markdown(summary: dict[str, Any]) -> str:
-    """One table per metric: mean [95% CI] per recipe and the paired difference vs the baseline with a verdict."""
+    """A summary table, then one table per metric: mean [95% CI] per recipe and the paired difference vs the
+    baseline with a verdict."""
     base = summary["baseline"]
     lines = [
         f"# compare: {', '.join(summary['recipes'])} (seeds {', '.join(map(str, summary['seeds']))})",
@@ -185,6 +214,7 @@ def to_markdown(summary: dict[str, Any]) -> str:
     ]
     if summary["overrides"]:
         lines.append(f"Overrides: `{' '.join('--set ' + o for o in summary['overrides'])}`.")
+    lines += ["", "## Summary (mean; Δ vs " + base + " with its 95% CI)", "", *summary_table(summary)]
     for metric in METRICS:
         rows = [(name, r) for name, r in summary["recipes"].items() if metric in r["metrics"]]
         if not rows:
@@ -198,4 +228,15 @@ def to_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["METRICS", "TIE", "Interval", "RecipeRuns", "run_compare", "run_one", "summarise", "to_markdown"]
+__all__ = [
+    "METRICS",
+    "SUMMARY_METRICS",
+    "TIE",
+    "Interval",
+    "RecipeRuns",
+    "run_compare",
+    "run_one",
+    "summarise",
+    "summary_table",
+    "to_markdown",
+]
