@@ -34,6 +34,8 @@ def apply_memory_options(built: Built, cfg: TrainSection, device: torch.device) 
     if built.teacher is not None and dtype != torch.float32:
         if device.type == "cpu":
             log.info(
-                "train.teacher_precision %s on CPU: saves memory, but CPU half matmuls are slow", cfg.teacher_precision
+                "train.teacher_precision %s on CPU: saves memory; faster only where the CPU has bf16 matrix units"
+                " (AMX / AVX512-BF16: ~0.65x teacher forward time measured), slower elsewhere",
+                cfg.teacher_precision,
             )
         built.teacher.model.to(dtype)
