@@ -35,7 +35,7 @@ def apply_memory_options(built: Built, cfg: TrainSection, device: torch.device) 
         if device.type == "cpu":
             log.info(
                 "train.teacher_precision %s on CPU: saves memory; faster only where the CPU has bf16 matrix units"
-                " (AMX / AVX512-BF16: ~0.65x teacher forward time measured), slower elsewhere",
+                " (AMX / AVX512-BF16; benchmarks/teacher_precision_cpu.py measures it), slower elsewhere",
                 cfg.teacher_precision,
             )
         built.teacher.model.to(dtype)
