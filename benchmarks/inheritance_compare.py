@@ -15,8 +15,14 @@ inheriting from the trained 75% student) and after all S steps, image->text R@1,
 ``OUT/inheritance_compare.json`` and ``.md``. Runs are normal run dirs under OUT: rerunning reuses finished ones and
 resumes interrupted ones.
 
-    python benchmarks/inheritance_compare.py --steps 400            # the README table (~1 h on 2 CPU cores)
+    python benchmarks/inheritance_compare.py --steps 400            # one seed (~20 min on 2 CPU cores)
+    python benchmarks/inheritance_compare.py --steps 400 --seeds 3  # the README table: OUT/seed<i>/ + compare.json/md
     python benchmarks/inheritance_compare.py --steps 40 --out runs/ic-smoke
+
+With ``--seeds N`` every seed gets its own folder ``OUT/seed<i>`` (seed i = data order i for every method, so the
+methods' differences are paired) and ``OUT/compare.json`` / ``compare.md`` summarise the final students the way
+``clipslim compare`` does, with ``manual`` (TinyCLIP's rule) as the baseline of the paired differences, plus the
+at-start accuracies with their own intervals.
 """
 
 from __future__ import annotations
@@ -29,11 +35,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from clipslim.eval.stats import mean_interval, paired_interval
 from clipslim.io import atomic_write_json, atomic_write_text
 from clipslim.models import count_params, load_model
 from clipslim.recipe import recipe_from_dict, recipe_to_yaml
 from clipslim.train import train
 from clipslim.train.checkpoint import latest_checkpoint
+from clipslim.workflows.compare import RecipeRuns, summarise, to_markdown
 from clipslim.workflows.stages import run_stages
 
 log = logging.getLogger("inheritance_compare")
@@ -117,6 +125,7 @@ def _summary(run_dir: Path, root: Path, results: dict[str, Any]) -> dict[str, An
     ev = results["eval"]
     return {
         "run_dir": str(root),
+        "results": str(run_dir / "results.json"),
         "params_non_embedding": results["params_non_embedding"],
         "start_heldout": start.get("zeroshot_heldout"),
         "start_seen": start.get("zeroshot_seen"),
@@ -175,6 +184,64 @@ def teacher_eval(args: argparse.Namespace) -> dict[str, float]:
     return {"heldout": ev["zeroshot_heldout"]["acc1"], "seen": ev["zeroshot_seen"]["acc1"]}
 
 
+def one_seed(args: argparse.Namespace, methods: list[str], teacher: dict[str, float]) -> list[dict[str, Any]]:
+    """Every method at args.seed into args.out; writes that folder's inheritance_compare.json / .md."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [run_method(args, m) for m in methods]
+    doc = {"args": vars(args), "teacher": teacher, "rows": rows}
+    atomic_write_json(out / "inheritance_compare.json", doc)
+    atomic_write_text(out / "inheritance_compare.md", markdown(rows, args, teacher))
+    print((out / "inheritance_compare.md").read_text())
+    return rows
+
+
+def seeds_summary(per_seed: dict[int, list[dict[str, Any]]], methods: list[str]) -> dict[str, Any]:
+    """compare.json for the final students (baseline: manual when run, else the first method) plus the at-start
+    top-1 of each method: mean, t interval and the paired difference vs the baseline."""
+    order = ["manual", *[m for m in methods if m != "manual"]] if "manual" in methods else methods
+    groups = []
+    for method in order:
+        g = RecipeRuns(method, Path(method))
+        for seed, rows in per_seed.items():
+            row = next(r for r in rows if r["method"] == method)
+            g.results[seed] = json.loads(Path(row["results"]).read_text())
+        groups.append(g)
+    doc = summarise(groups, sorted(per_seed))
+    doc["start"] = {}
+    for key in ("start_heldout", "start_seen"):
+        values = {m: [next(r for r in rows if r["method"] == m)[key] for rows in per_seed.values()] for m in order}
+        doc["start"][key] = {
+            m: {
+                **mean_interval(v).to_dict(),
+                "values": v,
+                "paired_vs_" + order[0]: paired_interval(v, values[order[0]]).to_dict(),
+            }
+            for m, v in values.items()
+            if None not in v
+        }
+    return doc
+
+
+def start_markdown(doc: dict[str, Any]) -> str:
+    """The at-start table (mean [95% CI] per method) that goes after compare.md's tables."""
+    base = doc["baseline"]
+    lines = ["", "## at start (right after inheritance; auto: fused model; multistage: 50% stage start)", ""]
+    lines += [f"| method | held-out | seen | held-out Δ vs {base} | seen Δ vs {base} |", "|---|---|---|---|---|"]
+    held, seen = doc["start"]["start_heldout"], doc["start"]["start_seen"]
+    for m in held:
+
+        def cell(iv: dict[str, Any], sign: str = "") -> str:
+            lo, hi = iv["ci95"] or (float("nan"), float("nan"))
+            return f"{100 * iv['mean']:{sign}.1f} [{100 * lo:{sign}.1f}, {100 * hi:{sign}.1f}]"
+
+        lines.append(
+            f"| {m} | {cell(held[m])} | {cell(seen[m])} | {cell(held[m]['paired_vs_' + base], '+')} "
+            f"| {cell(seen[m]['paired_vs_' + base], '+')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=400, help="total training steps per method")
@@ -188,7 +255,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the seed of a one-seed run")
+    p.add_argument("--seeds", type=int, default=0, help="N > 0: seeds 0..N-1 into OUT/seed<i>, then compare.json")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -196,14 +264,19 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         p.error(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     teacher = teacher_eval(args)
-    rows = [run_method(args, m) for m in methods]
-    doc = {"args": vars(args), "teacher": teacher, "rows": rows}
-    atomic_write_json(out / "inheritance_compare.json", doc)
-    atomic_write_text(out / "inheritance_compare.md", markdown(rows, args, teacher))
-    print((out / "inheritance_compare.md").read_text())
+    if args.seeds <= 0:
+        one_seed(args, methods, teacher)
+        return
+    out, per_seed = Path(args.out), {}
+    for seed in range(args.seeds):
+        per_seed[seed] = one_seed(
+            argparse.Namespace(**{**vars(args), "seed": seed, "out": str(out / f"seed{seed}")}), methods, teacher
+        )
+    doc = {**seeds_summary(per_seed, methods), "teacher": teacher, "args": vars(args)}
+    atomic_write_json(out / "compare.json", doc)
+    atomic_write_text(out / "compare.md", to_markdown(doc) + start_markdown(doc))
+    print((out / "compare.md").read_text())
 
 
 if __name__ == "__main__":
