@@ -183,17 +183,3 @@ def test_cross_kd_matches_clip_kd_formula():
     torch.testing.assert_close(got, ref)
     fixed = _make("cross_kd", teacher_scale=50.0)(s, t, {})["cross_kd_loss"]
     assert fixed.item() != pytest.approx(got.item())
-
-
-def test_issue21_measurement_recipes_load_and_run_sh_names_each_of_them():
-    from pathlib import Path
-
-    from clipslim.recipe import load_recipe
-
-    folder = Path(__file__).parents[1] / "benchmarks" / "multipos"
-    paths = sorted(folder.glob("*.yaml"))
-    assert len(paths) >= 8
-    names = {load_recipe(p).name for p in paths}
-    assert len(names) == len(paths)  # compare keeps runs per recipe: names must not collide
-    script = (folder / "run.sh").read_text(encoding="utf-8")
-    assert all(f"$M/{p.name}" in script for p in paths)
