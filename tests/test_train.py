@@ -1,6 +1,8 @@
 """Trainer: end-to-end on tiny models, exact resume after an interruption, teacher frozen, crash-safe checkpoints."""
 
+import csv
 import json
+import os
 import signal
 
 import open_clip
@@ -42,8 +44,8 @@ def _interrupt_at(trainer: Trainer, step: int) -> None:
     """Deliver a real SIGTERM once ``step`` steps are done, as a scheduler would."""
     original = trainer.train_step
 
-    def step_then_signal(batch):
-        out = original(batch)
+    def step_then_signal(*args):
+        out = original(*args)
         if trainer.step + 1 == step:
             signal.raise_signal(signal.SIGTERM)
         return out
@@ -51,8 +53,10 @@ def _interrupt_at(trainer: Trainer, step: int) -> None:
     trainer.train_step = step_then_signal
 
 
-def test_interrupted_and_resumed_equals_uninterrupted(tiny_recipe, tmp_path):
-    recipe = tiny_recipe(steps=8, save_every=100)  # only the signal and the end save checkpoints
+@pytest.mark.parametrize("ahead", ["never", "always"])
+def test_interrupted_and_resumed_equals_uninterrupted(tiny_recipe, tmp_path, ahead):
+    """Also with the teacher one batch ahead: the checkpoint must record the batch trained on, not the one fetched."""
+    recipe = tiny_recipe(steps=8, save_every=100, teacher_ahead=ahead)  # only the signal and the end save
     train(recipe, tmp_path / "straight", progress=False)
 
     first = Trainer(recipe, tmp_path / "resumed", progress=False)
@@ -69,6 +73,36 @@ def test_interrupted_and_resumed_equals_uninterrupted(tiny_recipe, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed run diverged from the uninterrupted one"
     losses = [r.split(",") for r in (tmp_path / "resumed" / "metrics.csv").read_text().splitlines()[1:]]
     assert [int(r[0]) for r in losses] == list(range(1, 9))
+
+
+def test_teacher_ahead_changes_speed_not_maths(tiny_recipe, tmp_path):
+    """The teacher run one batch ahead in a second thread (issue 20) gives the serial loop's losses and weights, bit
+    for bit, and auto keeps it off where it has no core of its own or under step hooks."""
+    runs = {}
+    for ahead in ("never", "always"):
+        trainer = Trainer(tiny_recipe(steps=5, teacher_ahead=ahead), tmp_path / ahead, progress=False)
+        assert type(trainer.feed).__name__ == {"never": "SerialFeed", "always": "AheadFeed"}[ahead]
+        trainer.run()
+        runs[ahead] = load_tensors(tmp_path / ahead / "student" / "open_clip_model.safetensors")
+    a, b = runs["never"], runs["always"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = [list(csv.DictReader((tmp_path / r / "metrics.csv").open())) for r in runs]
+    kept = [[{k: v for k, v in row.items() if k in ("step", "epoch") or k.endswith("loss")} for row in r] for r in rows]
+    assert kept[0] == kept[1] and len(kept[0]) == 5 and "affinity_loss" in kept[0][0]
+
+    from clipslim.train.ahead import ahead_wanted
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert ahead_wanted("auto", cpu, True, 1, 0, 1) == ((os.cpu_count() or 1) >= 2)
+        assert not ahead_wanted("auto", gpu, True, 1, 0, 1) and not ahead_wanted("auto", cpu, True, 1, 1, 1)
+        assert not ahead_wanted("always", cpu, True, 2, 0, 1) and not ahead_wanted("always", cpu, False, 1, 0, 1)
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        assert not ahead_wanted("auto", cpu, True, 1, 0, 1)  # every core already busy with the main thread's ops
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_checkpoint_keeps_latest_and_ignores_partial(tiny_recipe, tmp_path):
@@ -164,9 +198,9 @@ def test_a_non_finite_step_is_skipped_and_counted(tiny_shapes, tmp_path, nan_obj
     snapshots = {}
     original = trainer.train_step
 
-    def watched(batch):
+    def watched(*args):
         before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-        out = original(batch)
+        out = original(*args)
         snapshots[trainer.step + 1] = (before, out)
         return out
 

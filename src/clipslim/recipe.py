@@ -130,6 +130,10 @@ class TrainSection:
     fast_attention: bool = True
     """Run open_clip's self-attention batch-first with one q/k/v GEMM (same parameters and maths, see
     clipslim.attention); false keeps nn.MultiheadAttention's own path."""
+    teacher_ahead: Literal["auto", "always", "never"] = "auto"
+    """Run the online teacher on the next batch in a second thread while the student trains on this one (same
+    outputs and data order; clipslim.train.ahead). auto: on a CPU with a spare core (2 × torch threads ≤ cores), one
+    process, no step hooks; never with accum_freq > 1."""
     grad_clip: float | None = 1.0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto: bf16 autocast on a GPU that has it (else fp16 + loss scaling), fp32 on CPU."""

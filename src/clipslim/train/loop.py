@@ -31,6 +31,7 @@ from ..hooks import StepContext
 from ..io import WriteError, atomic_write_json, atomic_write_text, ensure_dir, read_mapping, write_periodic
 from ..recipe import Recipe, TrainSection, recipe_changes, recipe_to_yaml
 from .accum import accumulated_backward
+from .ahead import AheadFeed, SerialFeed, ahead_wanted
 from .checkpoint import latest_checkpoint, no_checkpoint, resume_checkpoint, save_checkpoint
 from .guard import DivergenceGuard
 from .memory import apply_memory_options
@@ -219,6 +220,7 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, self.cfg)
         self.precision = make_precision(self.cfg.precision, self.device)
         self.stream = BatchStream(self.built, recipe, self.device, self.env)
+        self.feed = self._feed()
         self.metrics = CsvLog(self.run_dir / "metrics.csv")
         self.evals = CsvLog(self.run_dir / "evals.csv")
         if self.resume_from is None:  # a fresh start (e.g. after a crash before the first checkpoint) logs anew
@@ -229,6 +231,16 @@ class Trainer:
         self.guard = DivergenceGuard(
             self.cfg.batch_size * self.env.world_size, self.cfg.warmup, self.cfg.divergence_steps, self.cfg.lr
         )
+
+    def _feed(self) -> SerialFeed:
+        """Serial batches, or the online teacher one batch ahead in a second thread (train.teacher_ahead)."""
+        online = self.teacher is not None and self.built.teacher_cache is None
+        hooks, world = len(self.built.hooks), self.env.world_size
+        if not ahead_wanted(self.cfg.teacher_ahead, self.device, online, self.cfg.accum_freq, hooks, world):
+            return SerialFeed(self.stream)
+        log.info("the teacher runs one batch ahead in a second thread (train.teacher_ahead: never turns it off)")
+        assert self.teacher is not None
+        return AheadFeed(self.stream, self.teacher, self.precision.autocast)
 
     def _check_resume_recipe(self, force: bool) -> str | None:
         """The stored recipe.yaml when the new recipe differs from it (kept as recipe.prev.yaml), else None. A
@@ -275,7 +287,8 @@ class Trainer:
         self.evals.truncate_after(self.step)
         log.info("resumed from %s at step %d", self.resume_from, self.step)
 
-    def train_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def train_step(self, batch: dict[str, Any], teacher_out: Any = None) -> dict[str, torch.Tensor]:
+        """One optimizer step on ``batch``; ``teacher_out``: the teacher's outputs when already computed."""
         lr = lr_at(self.step, self.cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -286,7 +299,8 @@ class Trainer:
             out = accumulated_backward(self.forward, self.model, self.teacher, batch, k, autocast, scaler)
         else:
             with self.precision.autocast():
-                teacher_out = self.teacher(batch) if self.teacher is not None else None
+                if teacher_out is None and self.teacher is not None:
+                    teacher_out = self.teacher(batch)
                 out = self.forward(batch, teacher_out)
             (scaler.scale(out["loss"]) if scaler else out["loss"]).backward()  # even non-finite: DDP ranks in step
         loss = out["loss"]
@@ -312,11 +326,12 @@ class Trainer:
 
     def step_context(self) -> StepContext:
         """What hooks see before a step (never the trainer itself)."""
+        where = self.feed.position()  # after the last batch trained on
         return StepContext(
             step=self.step, total_steps=self.cfg.steps, seed=self.cfg.seed, run_dir=self.run_dir, device=self.device,
             autocast=self.precision.autocast, student=self.built.distiller.student, teacher=self.built.teacher,
             data=self.recipe.data.train, progress=self.progress, is_main=self.env.is_main,
-            position=(self.stream.epoch, self.stream.pos), open_stream=self._open_stream,
+            position=(where.epoch, where.pos), open_stream=self._open_stream,
         )  # fmt: skip
 
     def _open_stream(self, position: tuple[int, int]) -> BatchStream:
@@ -348,7 +363,8 @@ class Trainer:
         on with the previous checkpoint intact; a failed final or on-signal one stops with a RunError."""
         if not self.env.is_main:  # every rank holds the same weights; one writes them
             return
-        state = {"epoch": self.stream.epoch, "pos": self.stream.pos, "skipped": self.stream.skipped}
+        where = self.feed.position()  # the last batch trained on, not one fetched ahead
+        state = {"epoch": where.epoch, "pos": where.pos, "skipped": where.skipped}
         state["bad_steps"] = self.bad_steps
         try:
             save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer, state, self.cfg.keep_checkpoints)
@@ -385,6 +401,7 @@ class Trainer:
                     return {"stopped_at": self.step}
             return self.finish()
         finally:
+            self.feed.close()
             self.stream.close()
             cleanup()
 
@@ -427,7 +444,7 @@ class Trainer:
                 for hook in self.built.hooks:
                     hook.before_step(ctx)
             with measured():
-                out = self.train_step(self.stream.next())
+                out = self.train_step(*self.feed.next(more=self.step + 1 < self.cfg.steps))
             self.step += 1
             self._count_bad(out)
             self._watch(out)
@@ -435,7 +452,12 @@ class Trainer:
             if self.env.is_main and (self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps):
                 rate = pairs / max(time.perf_counter() - tick, 1e-9)
                 tick, pairs = time.perf_counter(), 0
-                row = {"step": self.step, "epoch": self.stream.epoch, "pairs_per_s": round(rate, 1), **_terms(out)}
+                row = {
+                    "step": self.step,
+                    "epoch": self.feed.position().epoch,
+                    "pairs_per_s": round(rate, 1),
+                    **_terms(out),
+                }
                 row.update(self._mfu_column())
                 write_periodic(lambda row=row: self.metrics.append(row), f"metrics.csv row at step {self.step}")
                 bar.set_postfix(loss=f"{row['loss']:.4f}", pairs_s=f"{rate:.0f}")
