@@ -90,3 +90,12 @@ def test_cli_bench_train_step_line_and_json(tiny_shapes, tmp_path, capsys):
     assert step["mfu"] > 0 and step["mfu_with_data"] > 0 and step["matmul_peak_flops_per_s"] > 0
     assert "MFU" in capsys.readouterr().out
     assert main(["bench"]) != 0 and "give --model and/or --train" in capsys.readouterr().err
+
+
+def test_teacher_ahead_counts_the_same_flops_against_two_lanes(tiny_recipe, tmp_path):
+    """With the teacher one batch ahead in a second thread, the counted step still holds exactly one teacher forward
+    (the first one runs on the counting thread; the thread's ahead forward is not seen), and the peak is for 2 lanes."""
+    serial = train(tiny_recipe(steps=3, teacher_ahead="never"), tmp_path / "serial", progress=False)["run"]["mfu"]
+    ahead = train(tiny_recipe(steps=3, teacher_ahead="always"), tmp_path / "ahead", progress=False)["run"]["mfu"]
+    assert ahead["flops_per_step"] == serial["flops_per_step"] > 0
+    assert (serial["lanes"], ahead["lanes"]) == (1, 2)

@@ -102,11 +102,12 @@ class MfuMeter:
     Counting observes the real step (a dispatch mode only watches the ops), so the weights, RNG and optimizer state
     are those of a run without it; that step is slower and is left out of the timing. The time is the step's alone
     (data wait included, evaluation and checkpoints not). Recomputed FLOPs (gradient checkpointing, accum_freq)
-    are counted as run.
+    are counted as run. ``lanes``: CPU threads of compute working at once (2 when the teacher runs ahead in its own
+    thread, clipslim.train.ahead), each with the measured peak, so the ratio stays a fraction of what they can do.
     """
 
-    def __init__(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> None:
-        self.peak, self.dtype = matmul_peak(device, dtype), dtype
+    def __init__(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, lanes: int = 1) -> None:
+        self.peak, self.dtype, self.lanes = matmul_peak(device, dtype) * lanes, dtype, lanes
         self.flops_per_step: int | None = None
         self.steps, self.seconds = 0, 0.0  # since the last take
         self.total_steps, self.total_seconds = 0, 0.0
@@ -142,6 +143,7 @@ class MfuMeter:
             "matmul_peak_flops_per_s": self.peak,
             "peak_dtype": str(self.dtype).removeprefix("torch."),
             "threads": torch.get_num_threads(),
+            "lanes": self.lanes,
             "timed_steps": self.total_steps,
             "mfu": overall,
         }

@@ -470,7 +470,8 @@ class Trainer:
     def _start_mfu(self) -> Callable[[], contextlib.AbstractContextManager[None]]:
         """A context for each step; the matmul peak is probed here, once, so that only runs that train pay for it."""
         if self.cfg.mfu and self.env.is_main:
-            self.mfu_meter = MfuMeter(self.device, self.precision.dtype)
+            lanes = 2 if isinstance(self.feed, AheadFeed) and self.device.type == "cpu" else 1
+            self.mfu_meter = MfuMeter(self.device, self.precision.dtype, lanes)
         return self.mfu_meter.step if self.mfu_meter else contextlib.nullcontext
 
     def _mfu_column(self) -> dict[str, float]:
