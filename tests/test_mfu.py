@@ -99,3 +99,26 @@ def test_teacher_ahead_counts_the_same_flops_against_two_lanes(tiny_recipe, tmp_
     ahead = train(tiny_recipe(steps=3, teacher_ahead="always"), tmp_path / "ahead", progress=False)["run"]["mfu"]
     assert ahead["flops_per_step"] == serial["flops_per_step"] > 0
     assert (serial["lanes"], ahead["lanes"]) == (1, 2)
+
+
+def test_loader_starts_before_the_counted_step(tiny_recipe, tmp_path, monkeypatch):
+    """Loader workers forked inside the FLOP-counted first step would inherit the counting mode and run every
+    transform through it (the teacher-ahead loop then waited on them: docs/LOG.md, issue 20)."""
+    import contextlib
+
+    from clipslim.eval import mfu as mfu_module
+    from clipslim.train import Trainer
+
+    seen, original = [], mfu_module.MfuMeter.step
+
+    @contextlib.contextmanager
+    def step(self):
+        if self.flops_per_step is None:
+            seen.append(trainer.stream._it is not None)
+        with original(self):
+            yield
+
+    monkeypatch.setattr(mfu_module.MfuMeter, "step", step)
+    trainer = Trainer(tiny_recipe(steps=2), tmp_path / "run", progress=False)
+    trainer.run()
+    assert seen == [True]

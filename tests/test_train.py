@@ -78,11 +78,12 @@ def test_interrupted_and_resumed_equals_uninterrupted(tiny_recipe, tmp_path, ahe
 def test_teacher_ahead_changes_speed_not_maths(tiny_recipe, tmp_path):
     """The teacher run one batch ahead in a second thread (issue 20) gives the serial loop's losses and weights, bit
     for bit, and auto keeps it off where it has no core of its own or under step hooks."""
-    runs = {}
+    runs, cpus = {}, os.sched_getaffinity(0)
     for ahead in ("never", "always"):
         trainer = Trainer(tiny_recipe(steps=5, teacher_ahead=ahead), tmp_path / ahead, progress=False)
         assert type(trainer.feed).__name__ == {"never": "SerialFeed", "always": "AheadFeed"}[ahead]
         trainer.run()
+        assert os.sched_getaffinity(0) == cpus  # the student lane's pinning is undone when the run ends
         runs[ahead] = load_tensors(tmp_path / ahead / "student" / "open_clip_model.safetensors")
     a, b = runs["never"], runs["always"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

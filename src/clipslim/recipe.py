@@ -132,8 +132,10 @@ class TrainSection:
     clipslim.attention); false keeps nn.MultiheadAttention's own path."""
     teacher_ahead: Literal["auto", "always", "never"] = "auto"
     """Run the online teacher on the next batch in a second thread while the student trains on this one (same
-    outputs and data order; clipslim.train.ahead). auto: on a CPU with a spare core (2 × torch threads ≤ cores), one
-    process, no step hooks; never with accum_freq > 1."""
+    outputs and data order; clipslim.train.ahead). On a CPU the student's thread keeps one half of the cores and the
+    teacher's thread and the loader's workers the other (1.85x open_clip_train's step on the demo job, docs/LOG.md).
+    auto: on a CPU with a spare core (2 × torch threads ≤ cores), one process, no step hooks; never with
+    accum_freq > 1."""
     grad_clip: float | None = 1.0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto: bf16 autocast on a GPU that has it (else fp16 + loss scaling), fp32 on CPU."""

@@ -52,13 +52,48 @@ class SerialFeed:
         pass
 
 
+class Lanes:
+    """Two disjoint halves of the CPUs this process may use: the student's thread runs on the first, the teacher's
+    thread and the data loader's worker processes on the second. Unpinned, the three share both cores and the
+    student's step, which sets the pace, gets ~2/3 of one (docs/LOG.md, issue 20). The main thread's own set is put
+    back on close."""
+
+    def __init__(self) -> None:
+        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        half = len(cpus) // 2
+        self.student, self.teacher = set(cpus[:half]), set(cpus[half:])
+        self.saved = set(cpus)
+        self.pinned: set[int] = set()
+        self.active = half >= 1
+        if self.active:
+            os.sched_setaffinity(0, self.student)
+
+    def pin_teacher_thread(self) -> None:
+        if self.active:
+            os.sched_setaffinity(0, self.teacher)
+
+    def pin_workers(self, stream: BatchStream) -> None:
+        """The loader's worker processes (a new set each epoch) join the teacher's lane."""
+        for worker in getattr(stream._it, "_workers", None) or ():
+            pid = getattr(worker, "pid", None)
+            if self.active and pid and pid not in self.pinned:
+                with contextlib.suppress(OSError):  # a worker that already exited
+                    os.sched_setaffinity(pid, self.teacher)
+                self.pinned.add(pid)
+
+    def close(self) -> None:
+        if self.active:
+            os.sched_setaffinity(0, self.saved)
+
+
 class AheadFeed(SerialFeed):
     """Hands out (batch t, teacher outputs for t) and starts the teacher on batch t+1 in a worker thread."""
 
-    def __init__(self, stream: BatchStream, teacher: TeacherFn, autocast: Callable[[], Any]) -> None:
+    def __init__(self, stream: BatchStream, teacher: TeacherFn, autocast: Callable[[], Any], pin: bool = True) -> None:
         super().__init__(stream)
-        self.teacher, self.autocast = teacher, autocast
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="clipslim-teacher")
+        self.teacher, self.autocast, self.pin = teacher, autocast, pin
+        self.lanes: Lanes | None = None
+        self.pool: ThreadPoolExecutor | None = None  # made on the first batch: a trainer that never runs pins nothing
         self.pending: tuple[dict[str, Any], Future[Outputs], Position] | None = None
         self.current: Position | None = None
 
@@ -77,8 +112,17 @@ class AheadFeed(SerialFeed):
             out = future.result()
         if more:
             ahead = self.stream.next()
-            self.pending = (ahead, self.pool.submit(self._teacher, ahead), super().position())
+            self.pending = (ahead, self._pool().submit(self._teacher, ahead), super().position())
+        if self.lanes is not None:
+            self.lanes.pin_workers(self.stream)
         return batch, out
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self.pool is None:
+            self.lanes = Lanes() if self.pin else None
+            init = self.lanes.pin_teacher_thread if self.lanes else None
+            self.pool = ThreadPoolExecutor(1, thread_name_prefix="clipslim-teacher", initializer=init)
+        return self.pool
 
     def position(self) -> Position:
         return self.current if self.current is not None else super().position()
@@ -88,7 +132,12 @@ class AheadFeed(SerialFeed):
             with contextlib.suppress(Exception):  # its error, if any, belongs to a batch that is never trained
                 self.pending[1].result()
             self.pending = None
-        self.pool.shutdown(wait=True)
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+            self.pool = None
+        if self.lanes is not None:
+            self.lanes.close()
+            self.lanes = None
 
 
 def ahead_wanted(mode: str, device: torch.device, online: bool, accum_freq: int, hooks: int, world_size: int) -> bool:

@@ -122,6 +122,12 @@ class BatchStream:
                 shutdown()
             self._it = None
 
+    def open(self) -> None:
+        """Start the loader (and fork its workers) now. Workers forked inside the first, FLOP-counted step inherit
+        the counting mode of the forking thread and run every transform through it (several times slower)."""
+        if self._it is None:
+            self._it = self._loader()
+
     def restore(self, epoch: int, pos: int, skipped: dict[str, int]) -> None:
         """Re-open epoch ``epoch`` and skip the ``pos`` batches already trained on."""
         self.epoch, self.skipped = epoch, dict(skipped)
@@ -240,7 +246,7 @@ class Trainer:
             return SerialFeed(self.stream)
         log.info("the teacher runs one batch ahead in a second thread (train.teacher_ahead: never turns it off)")
         assert self.teacher is not None
-        return AheadFeed(self.stream, self.teacher, self.precision.autocast)
+        return AheadFeed(self.stream, self.teacher, self.precision.autocast, pin=self.device.type == "cpu")
 
     def _check_resume_recipe(self, force: bool) -> str | None:
         """The stored recipe.yaml when the new recipe differs from it (kept as recipe.prev.yaml), else None. A
@@ -434,6 +440,7 @@ class Trainer:
         tick, pairs = time.perf_counter(), 0
         if self.cfg.eval_every and self.step == 0:
             self.evaluate()  # the starting point: what inheritance alone gives
+        self.stream.open()  # before the counted step: see BatchStream.open
         measured = self._start_mfu()
         while self.step < self.cfg.steps:
             if broadcast_flag(stop.requested):  # a signal to any rank stops all of them at the same step
