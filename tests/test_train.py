@@ -1,5 +1,6 @@
 """Trainer: end-to-end on tiny models, exact resume after an interruption, teacher frozen, crash-safe checkpoints."""
 
+import contextlib
 import csv
 import json
 import os
@@ -247,3 +248,29 @@ def test_optimizer_implementations_make_the_same_update(impl):
     assert ref.keys() == got.keys()
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-6)
+
+
+def test_teacher_ahead_failing_fetch_keeps_the_position_of_the_last_trained_batch():
+    """A data error while fetching batch t+1 ahead stops the run before batch t is trained: the position a checkpoint
+    records must still be the one after batch t-1, or a resume would skip batch t."""
+    from types import SimpleNamespace
+
+    from clipslim.train.ahead import AheadFeed
+
+    class Stream(SimpleNamespace):
+        def next(self):
+            if self.pos == self.fail_at:
+                raise ValueError("bad data")
+            self.pos += 1
+            return {"i": self.pos}
+
+    stream = Stream(epoch=0, pos=0, skipped={}, fail_at=3, _it=None)
+    feed = AheadFeed(stream, lambda batch: batch["i"] * 10, contextlib.nullcontext, pin=False)
+    try:
+        assert feed.next() == ({"i": 1}, 10) and feed.position().pos == 1
+        assert feed.next() == ({"i": 2}, 20) and feed.position().pos == 2
+        with pytest.raises(ValueError, match="bad data"):
+            feed.next()  # batch 3 would be handed out after fetching batch 4 ahead, which fails
+        assert feed.position().pos == 2
+    finally:
+        feed.close()

@@ -103,6 +103,7 @@ class AheadFeed(SerialFeed):
 
     def next(self, more: bool = True) -> tuple[dict[str, Any], Outputs | None]:
         """Batch t and its teacher outputs; with ``more`` (a step follows) the teacher starts on batch t+1."""
+        before = self.position()
         if self.pending is None:  # first step (or after close): computed here, so a FLOP counter on this thread sees it
             batch = self.stream.next()
             out, self.current = self._teacher(batch), super().position()
@@ -111,7 +112,11 @@ class AheadFeed(SerialFeed):
             self.pending = None
             out = future.result()
         if more:
-            ahead = self.stream.next()
+            try:
+                ahead = self.stream.next()
+            except BaseException:  # e.g. too much bad data: batch t is not trained, so a checkpoint must not count it
+                self.current = before
+                raise
             self.pending = (ahead, self._pool().submit(self._teacher, ahead), super().position())
         if self.lanes is not None:
             self.lanes.pin_workers(self.stream)
