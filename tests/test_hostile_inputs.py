@@ -362,9 +362,9 @@ def read_only_mid_run(env: Env) -> list[str]:
     state = {"read_only": False}
     real = Trainer.train_step
 
-    def step(self: Trainer, batch: dict) -> dict:
+    def step(self: Trainer, *args: object) -> dict:
         state["read_only"] = self.step >= 2  # steps 1-2 and the step-2 checkpoint are written normally
-        return real(self, batch)
+        return real(self, *args)
 
     env.monkeypatch.setattr(Trainer, "train_step", step)
     failing_disk(env, env.tmp / "run", errno.EROFS, when=lambda: state["read_only"])

@@ -298,8 +298,8 @@ def test_cached_training_resumes_exactly(cached, tiny_shapes, teacher_spec, tmp_
     first = Trainer(recipe, tmp_path / "resumed", progress=False)
     original = first.train_step
 
-    def step_then_sigterm(batch):
-        out = original(batch)
+    def step_then_sigterm(*args):
+        out = original(*args)
         if first.step + 1 == 5:  # stop inside the second epoch
             signal.raise_signal(signal.SIGTERM)
         return out

@@ -157,7 +157,7 @@ def test_training_with_a_token_schedule(tiny_recipe, tmp_path):
     hook = trainer.built.hooks[-1]
     settings = []
     train_step = trainer.train_step
-    trainer.train_step = lambda batch: (settings.append(hook.compression.setting), train_step(batch))[1]
+    trainer.train_step = lambda *args: (settings.append(hook.compression.setting), train_step(*args))[1]
     results = trainer.run()
     assert settings == [(0.5, 2), (0.5, 2), (0.0, 1), (0.0, 1)]
     assert results["steps"] == 4 and results["eval"]["zeroshot_seen"]["n"] > 0

@@ -16,15 +16,25 @@ import os
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 if TYPE_CHECKING:
     from ..distiller import Outputs
-    from .loop import BatchStream
 
 TeacherFn = Callable[[dict[str, Any]], "Outputs"]
+
+
+class BatchStream(Protocol):
+    """What a feed needs of clipslim.train.loop.BatchStream (kept structural: loop imports this module)."""
+
+    epoch: int
+    pos: int
+    skipped: dict[str, int]
+    _it: Any
+
+    def next(self) -> dict[str, Any]: ...
 
 
 @dataclass
