@@ -92,16 +92,16 @@ def test_teacher_ahead_changes_speed_not_maths(tiny_recipe, tmp_path):
     kept = [[{k: v for k, v in row.items() if k in ("step", "epoch") or k.endswith("loss")} for row in r] for r in rows]
     assert kept[0] == kept[1] and len(kept[0]) == 5 and "affinity_loss" in kept[0][0]
 
-    from clipslim.train.ahead import ahead_wanted
+    from clipslim.train.ahead import ahead_wanted, usable_cpus
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        assert ahead_wanted("auto", cpu, True, 1, 0, 1) == ((os.cpu_count() or 1) >= 2)
+        assert ahead_wanted("auto", cpu, True, 1, 0, 1) == (len(usable_cpus()) >= 2)
         assert not ahead_wanted("auto", gpu, True, 1, 0, 1) and not ahead_wanted("auto", cpu, True, 1, 1, 1)
         assert not ahead_wanted("always", cpu, True, 2, 0, 1) and not ahead_wanted("always", cpu, False, 1, 0, 1)
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        torch.set_num_threads(len(usable_cpus()))
         assert not ahead_wanted("auto", cpu, True, 1, 0, 1)  # every core already busy with the main thread's ops
     finally:
         torch.set_num_threads(threads)

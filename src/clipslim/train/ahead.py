@@ -62,6 +62,13 @@ class SerialFeed:
         pass
 
 
+def usable_cpus() -> list[int]:
+    """The CPUs this process may run on (its affinity set, which a container may narrow below os.cpu_count())."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
 class Lanes:
     """Two disjoint halves of the CPUs this process may use: the student's thread runs on the first, the teacher's
     thread and the data loader's worker processes on the second. Unpinned, the three share both cores and the
@@ -69,7 +76,7 @@ class Lanes:
     back on close."""
 
     def __init__(self) -> None:
-        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        cpus = usable_cpus() if hasattr(os, "sched_setaffinity") else []
         half = len(cpus) // 2
         self.student, self.teacher = set(cpus[:half]), set(cpus[half:])
         self.saved = set(cpus)
@@ -162,5 +169,5 @@ def ahead_wanted(mode: str, device: torch.device, online: bool, accum_freq: int,
         return False
     if mode == "always":
         return True
-    spare_core = 2 * torch.get_num_threads() <= (os.cpu_count() or 1)
+    spare_core = 2 * torch.get_num_threads() <= len(usable_cpus())
     return device.type == "cpu" and spare_core and hooks == 0 and world_size == 1
