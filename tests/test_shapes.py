@@ -292,3 +292,33 @@ def test_shard_seeding_is_independent() -> None:
     c = list(shapes.shard_samples("train", 2, 100, 3, 0, 64))
     assert a == b and a[0]["png"] != c[0]["png"]
     assert a[0]["__key__"] == "train-00000100"
+
+
+def test_free_colour_samples_name_only_the_shape_and_avoid_heldout_colours() -> None:
+    rng = np.random.default_rng(3)
+    free = [s for s in (generate_sample(rng, "train", free=0.6) for _ in range(150)) if s[2].get("free_colour")]
+    assert 40 < len(free) < 110  # 0.6 of the ~70% single-object samples
+    for _image, caption, meta in free:
+        obj = meta["objects"][0]
+        assert meta["cls"] == -1 and not meta["heldout"] and obj["colour"] == "free"
+        assert obj["shape"] in caption and not any(c in caption.split() for c in COLOURS)
+        banned = [np.array(shade) for c, s in HELDOUT if s == obj["shape"] for shade in PALETTE[c]]
+        assert all(np.linalg.norm(np.array(obj["rgb"]) - b) >= shapes.FREE_COLOUR_MARGIN for b in banned)
+    # the object is painted in its free colour: the centre of a large solid one shows it
+    obj = dict(colour="free", rgb=[30, 200, 190], shape="square", size="large", position="center", fill="solid")
+    pixels = np.asarray(render([obj], np.random.default_rng(0)))
+    assert np.abs(pixels[30:34, 30:34].reshape(-1, 3).mean(0) - obj["rgb"]).max() < 15
+
+
+def test_free_colour_changes_train_shards_only(tmp_path: Path) -> None:
+    args = ARGS | {"n_train": 40, "n_eval": 20, "shard_size": 20}
+    plain = write_shapes(tmp_path / "plain", workers=0, **args)
+    free = write_shapes(tmp_path / "free", workers=0, free_colour=0.5, **args)
+    assert "free_colour" not in plain and free["free_colour"] == 0.5
+    for split in ("eval", "ood"):
+        for a, b in zip(shard_paths(tmp_path / "plain", split), shard_paths(tmp_path / "free", split), strict=True):
+            assert a.read_bytes() == b.read_bytes()
+    train = [json.loads(s["json"]) for s in read_samples(shard_paths(tmp_path / "free", "train"))]
+    assert any(m.get("free_colour") for m in train)
+    with pytest.raises(ValueError, match="free_colour"):
+        write_shapes(tmp_path / "bad", workers=0, free_colour=1.5, **args)

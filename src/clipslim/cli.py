@@ -34,7 +34,13 @@ def cmd_data(args: argparse.Namespace) -> None:
     from .data.shapes import write_shapes
 
     info = write_shapes(
-        args.out, n_train=args.train, n_eval=args.eval, seed=args.seed, workers=args.workers, n_ood=args.ood
+        args.out,
+        n_train=args.train,
+        n_eval=args.eval,
+        seed=args.seed,
+        workers=args.workers,
+        n_ood=args.ood,
+        free_colour=args.free_colour,
     )
     print(json.dumps(info["splits"]))
 
@@ -289,6 +295,14 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--ood", type=int, help="images of all 64 classes in styles never trained on (default: eval / 2)")
     d.add_argument("--seed", type=int, default=0, help="generation seed: same seed, byte-identical shards")
     d.add_argument("--workers", type=int, default=2, help="processes drawing shards in parallel")
+    d.add_argument(
+        "--free-colour",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="fraction of single-object training images drawn in a random colour and captioned by shape only "
+        "(never near a held-out colour of that shape; eval and ood unchanged; default 0)",
+    )
     d.set_defaults(fn=cmd_data)
 
     t = sub.add_parser("train", help="train or distill a student from a recipe")
