@@ -1,11 +1,8 @@
 """Where a model fails on the held-out colour × shape combinations: its image features or its text side (issue 16).
 
-Three readings on the shapes eval split, for one model:
+Two readings on the shapes eval split, for one model:
 
 - the zero-shot errors on held-out images: how many keep the right colour, the right shape, or name a seen class;
-- linear probes for colour and for shape, fitted on the image features of *seen* combinations only and scored on
-  held-out images: a shape probe that drops from seen to held-out means the image features carry shape only within
-  each colour (no colour-free shape feature for the text to meet);
 - "analogy" class embeddings for the held-out classes, t(c, s) = mean over seen c', s' of t(c, s') + t(c', s) −
   t(c', s'): if they beat the text tower's own embeddings, the text side is what fails to compose.
 
@@ -23,7 +20,6 @@ import torch
 import torch.nn.functional as F
 
 from clipslim.data.shapes import HELDOUT, SHAPES, read_lines
-from clipslim.eval.linear_probe import fit_logreg
 from clipslim.eval.run import _meta_tensor, classification_masks, encode_shapes_eval
 from clipslim.eval.zeroshot import build_classifier
 from clipslim.io import atomic_write_json
@@ -46,17 +42,6 @@ def error_kinds(pred: torch.Tensor, labels: torch.Tensor, heldout_classes: set[i
         "right_shape": _acc(p % N, y % N),
         "predicts_heldout_class": round(100 * sum(int(c) in heldout_classes for c in p) / max(1, len(p)), 2),
     }
-
-
-def factor_probes(image: torch.Tensor, labels: torch.Tensor, seen: torch.Tensor, held: torch.Tensor) -> dict:
-    """Colour and shape probes fitted on seen images, scored on seen (train fit) and held-out images."""
-    out: dict[str, Any] = {}
-    for name, target in (("colour", labels // N), ("shape", labels % N)):
-        probe = fit_logreg(image[seen], target[seen], N, weight_decay=1e-4)
-        with torch.no_grad():
-            pred = probe(image).argmax(1)
-        out[name] = {"seen": _acc(pred[seen], target[seen]), "heldout": _acc(pred[held], target[held])}
-    return out
 
 
 def analogy_classifier(text: torch.Tensor, heldout: set[tuple[int, int]]) -> torch.Tensor:
@@ -94,7 +79,6 @@ def run(model: str, data: str) -> dict[str, Any]:
         "model": model,
         "zeroshot": {k: _acc(pred[m], labels[m]) for k, m in masks.items()},
         "heldout_errors": error_kinds(pred[held], labels[held], heldout_classes),
-        "probes_fit_on_seen": factor_probes(image, labels, seen, held),
         "analogy_text": {"heldout": _acc(analogy[held], labels[held]), "seen": _acc(analogy[seen], labels[seen])},
     }
 

@@ -19,3 +19,34 @@ def test_benchmark_recipes_load_with_distinct_names_and_run_sh_names_each(folder
     assert len(names) == len(paths)  # compare keeps runs per recipe: names must not collide
     script = (BENCHMARKS / folder / "run.sh").read_text(encoding="utf-8")
     assert all(f"{prefix}{p.name}" in script for p in paths)
+
+
+def _load(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_slimmable_seeds_summary_pairs_by_seed() -> None:
+    bench = _load("slimmable_compare")
+
+    def seed(i: int, slim: float) -> dict:
+        arms = {"slimmable": {"heldout": slim}, "separate": {"heldout": 50.0 + i}, "sliced_full": {"heldout": 1.0}}
+        return {"seed": i, "widths": {"1.0": {"visual_params": 10**6, **arms}}}
+
+    doc = bench.seeds_summary([seed(0, 52.0), seed(1, 53.0), seed(2, 54.0)])
+    row = doc["widths"]["1.0"]
+    assert row["arms"]["separate"]["heldout"]["mean"] == 51.0
+    paired = row["paired_vs_separate"]["slimmable"]["heldout"]
+    assert paired["mean"] == 2.0 and paired["sd"] == 0.0 and not paired["tie"]  # +2 at every seed
+    assert row["paired_vs_separate"]["sliced_full"]["heldout"]["mean"] == -50.0
+    assert "| 1.0 | 1.00M | 53.0 [" in bench.seeds_markdown(doc)
+
+
+def test_all_tables_script_names_existing_scripts() -> None:
+    script = (BENCHMARKS / "all_tables.sh").read_text(encoding="utf-8")
+    named = [w.split("/", 1)[1].rstrip('"') for w in script.split() if w.startswith('"$B/')]
+    assert len(named) >= 4 and all((BENCHMARKS / n).is_file() for n in named)
