@@ -50,3 +50,12 @@ def test_all_tables_script_names_existing_scripts() -> None:
     script = (BENCHMARKS / "all_tables.sh").read_text(encoding="utf-8")
     named = [w.split("/", 1)[1].rstrip('"') for w in script.split() if w.startswith('"$B/')]
     assert len(named) >= 4 and all((BENCHMARKS / n).is_file() for n in named)
+
+
+def test_teacher_experiment_recipes_load_and_name_their_command() -> None:
+    paths = sorted((BENCHMARKS / "teacher").glob("*.yaml"))
+    assert len(paths) >= 2
+    for p in paths:
+        recipe = load_recipe(p)
+        assert recipe.student.arch == "shapes-teacher"  # experiments on the shipped teacher's architecture
+        assert f"clipslim train benchmarks/teacher/{p.name}" in p.read_text(encoding="utf-8")
