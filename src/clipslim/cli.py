@@ -287,23 +287,7 @@ def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="clipslim", description="Make CLIP models small and fast, with numbers.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    d = sub.add_parser("data", help="write an embedded dataset as webdataset shards")
-    d.add_argument("dataset", choices=["shapes"], help="which dataset to generate")
-    d.add_argument("--out", required=True, type=Path, help="output folder (train/, eval/, classnames.txt, ...)")
-    d.add_argument("--train", type=int, default=40000, help="training pairs (default 40000)")
-    d.add_argument("--eval", type=int, default=4096, help="evaluation images, half of them held-out classes")
-    d.add_argument("--ood", type=int, help="images of all 64 classes in styles never trained on (default: eval / 2)")
-    d.add_argument("--seed", type=int, default=0, help="generation seed: same seed, byte-identical shards")
-    d.add_argument("--workers", type=int, default=2, help="processes drawing shards in parallel")
-    d.add_argument(
-        "--free-colour",
-        type=float,
-        default=0.0,
-        metavar="P",
-        help="fraction of single-object training images drawn in a random colour and captioned by shape only "
-        "(never near a held-out colour of that shape; eval and ood unchanged; default 0)",
-    )
-    d.set_defaults(fn=cmd_data)
+    _add_data_parser(sub)
 
     t = sub.add_parser("train", help="train or distill a student from a recipe")
     t.add_argument("recipe", help="recipe YAML path, or a shipped recipe name (see `clipslim recipes`)")
@@ -369,6 +353,26 @@ def _parser() -> argparse.ArgumentParser:
 
     add_all(sub)
     return p
+
+
+def _add_data_parser(sub: argparse._SubParsersAction) -> None:
+    d = sub.add_parser("data", help="write an embedded dataset as webdataset shards")
+    d.add_argument("dataset", choices=["shapes"], help="which dataset to generate")
+    d.add_argument("--out", required=True, type=Path, help="output folder (train/, eval/, classnames.txt, ...)")
+    d.add_argument("--train", type=int, default=40000, help="training pairs (default 40000)")
+    d.add_argument("--eval", type=int, default=4096, help="evaluation images, half of them held-out classes")
+    d.add_argument("--ood", type=int, help="images of all 64 classes in styles never trained on (default: eval / 2)")
+    d.add_argument("--seed", type=int, default=0, help="generation seed: same seed, byte-identical shards")
+    d.add_argument("--workers", type=int, default=2, help="processes drawing shards in parallel")
+    d.add_argument(
+        "--free-colour",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="fraction of single-object training images drawn in a random colour and captioned by shape only "
+        "(never near a held-out colour of that shape; eval and ood unchanged; default 0)",
+    )
+    d.set_defaults(fn=cmd_data)
 
 
 def _add_inherit_parsers(sub: argparse._SubParsersAction) -> None:
