@@ -59,3 +59,21 @@ def test_teacher_experiment_recipes_load_and_name_their_command() -> None:
         recipe = load_recipe(p)
         assert recipe.student.arch == "shapes-teacher"  # experiments on the shipped teacher's architecture
         assert f"clipslim train benchmarks/teacher/{p.name}" in p.read_text(encoding="utf-8")
+
+
+def test_resize_patch_keeps_the_embedding_of_a_smooth_patch() -> None:
+    """FlexiViT's pseudo-inverse resize: a smooth 16-px patch and its 8-px downsample embed alike (least squares, so
+    ~10% off, not exact); the class token's position is kept."""
+    import torch
+    import torch.nn.functional as F
+
+    bench = _load("teacher/resize_patch")
+    torch.manual_seed(0)
+    state = {"visual.conv1.weight": torch.randn(5, 3, 16, 16), "visual.positional_embedding": torch.randn(17, 5)}
+    new = bench.resized_state(state, 8, 8)
+    assert new["visual.conv1.weight"].shape == (5, 3, 8, 8) and new["visual.positional_embedding"].shape == (65, 5)
+    assert torch.equal(new["visual.positional_embedding"][0], state["visual.positional_embedding"][0])  # class token
+    x = F.interpolate(torch.randn(4, 3, 4, 4), size=(16, 16), mode="bilinear")
+    old = F.conv2d(x, state["visual.conv1.weight"], stride=16)
+    small = F.interpolate(x, size=(8, 8), mode="bicubic", antialias=True)
+    assert (F.conv2d(small, new["visual.conv1.weight"], stride=8) - old).norm() < 0.15 * old.norm()
