@@ -76,4 +76,11 @@ def test_resize_patch_keeps_the_embedding_of_a_smooth_patch() -> None:
     x = F.interpolate(torch.randn(4, 3, 4, 4), size=(16, 16), mode="bilinear")
     old = F.conv2d(x, state["visual.conv1.weight"], stride=16)
     small = F.interpolate(x, size=(8, 8), mode="bicubic", antialias=True)
-    assert (F.conv2d(small, new["visual.conv1.weight"], stride=8) - old).norm() < 0.15 * old.norm()
+    err = (F.conv2d(small, new["visual.conv1.weight"], stride=8) - old).norm()
+    assert err < 0.15 * old.norm()
+    from clipslim.tokens.patch_scale import resize_kernel  # why the script uses timm's resize for this shrink
+
+    ours = F.conv2d(
+        F.interpolate(x, size=(8, 8), mode="bilinear"), resize_kernel(state["visual.conv1.weight"], 8), stride=8
+    )
+    assert (ours - old).norm() > 1.5 * err

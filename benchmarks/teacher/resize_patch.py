@@ -3,6 +3,9 @@ pseudo-inverse resize and the position embedding interpolated to the new grid (t
 copied. Issue 16: a 4 x 4 grid of 16-px patches makes colour and shape one linear read-out per patch; an 8 x 8 grid
 lets shape be an arrangement of tokens. Writes an open_clip folder that `init:` in a recipe accepts.
 
+timm's resize, not clipslim.tokens.patch_scale (built to enlarge patches): for this 16 -> 8 shrink its bicubic
+antialiased basis keeps a smooth patch's token within ~10%, the bilinear one ~26% (tested); the measured run used it.
+
     python benchmarks/teacher/resize_patch.py --model shapes-teacher:demo --patch 8 --out runs/teacher-p8-init
 """
 
