@@ -299,3 +299,39 @@ def test_skip_stats_summary() -> None:
     stats.add({"undecodable_image": 0})
     assert stats.total == 3
     assert stats.summary() == "skipped 3 bad samples: undecodable_image=2, empty_caption=1"
+
+
+class _WorkerSignals(torch.utils.data.IterableDataset):
+    """Yields what a worker sees: whether SIGTERM is still blocked there, and whether it ignores SIGTERM."""
+
+    def __iter__(self):
+        import signal
+
+        blocked = signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        yield {"blocked": blocked, "ignored": signal.getsignal(signal.SIGTERM) == signal.SIG_IGN}
+
+
+def _signalled_before_init(worker_id: int) -> None:
+    """A group SIGTERM that lands between the fork and the worker's init (workers are re-forked every epoch)."""
+    import os
+    import signal
+
+    from clipslim.data.loader import _leave_stop_signals_to_main
+
+    os.kill(os.getpid(), signal.SIGTERM)
+    _leave_stop_signals_to_main(worker_id)
+
+
+@pytest.mark.parametrize("guarded", [True, False])
+def test_a_stop_signal_before_a_worker_inits_does_not_kill_it(guarded: bool) -> None:
+    from clipslim.data.loader import iterate
+
+    loader = torch.utils.data.DataLoader(
+        _WorkerSignals(), batch_size=None, num_workers=1, worker_init_fn=_signalled_before_init
+    )
+    if not guarded:  # the plain iter() this guards against: the worker dies of the signal
+        with pytest.raises(RuntimeError, match="exited unexpectedly|killed by signal"):
+            list(iter(loader))
+        return
+    (seen,) = list(iterate(loader))
+    assert seen == {"blocked": False, "ignored": True}  # ignored, and the mask lifted after init

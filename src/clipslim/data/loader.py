@@ -587,8 +587,26 @@ def make_loader(
     )  # fmt: skip
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 def _leave_stop_signals_to_main(worker_id: int) -> None:
     """Ctrl-C or a scheduler's SIGTERM reaches the whole process group; a worker that died of it would crash the
-    trainer before it saves. Workers ignore both: the main process saves, then shuts its workers down."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    trainer before it saves. Workers ignore both: the main process saves, then shuts its workers down. A signal that
+    arrived since the fork is pending (see :func:`iterate`): ignoring it drops it, then the mask is lifted."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def iterate(loader: DataLoader) -> Iterator[Any]:
+    """``iter(loader)`` with SIGINT/SIGTERM blocked while it forks its workers: a worker inherits the mask, so a
+    group signal that lands before :func:`_leave_stop_signals_to_main` runs waits instead of killing it (workers
+    are re-forked every epoch, so that window recurs). The main process gets its own copy once the mask is back."""
+    if not loader.num_workers:
+        return iter(loader)
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)

@@ -87,11 +87,11 @@ class BatchStream:
         self._it: Iterator[dict[str, Any]] | None = None
 
     def _loader(self) -> Iterator[dict[str, Any]]:
-        from ..data.loader import make_loader
+        from ..data.loader import iterate, make_loader
 
         d = self.recipe.data
         preprocess, tokenizer = self.built.loader_transforms(d.augment)
-        return iter(
+        return iterate(
             make_loader(
                 d.train, preprocess, tokenizer, self.recipe.train.batch_size, train=True,
                 seed=self.recipe.train.seed, epoch=self.epoch, num_workers=d.num_workers,
